@@ -1,0 +1,287 @@
+"""The appliance's configuration: one frozen attrs tree, read from TOML, overridable by environment.
+
+Every key is documented in docs/configuration.md. Errors name the key, the value and what was
+expected, one line per bad key, so an operator can fix a file without reading code.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import attrs
+import cattrs
+from attrs import field, frozen
+from cattrs.errors import ForbiddenExtraKeysError
+
+DEFAULT_PATH = Path("/etc/screening-gateway/appliance.toml")
+#: APPLIANCE__DICOM__STORAGE__PORT=11112 overrides [dicom.storage] port.
+ENV_PREFIX = "APPLIANCE__"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` holds one line per bad key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# --- validators: each message carries the offending value -------------------------------------
+
+
+class FieldError(ValueError):
+    """A validator's complaint about one key (attrs validators run after cattrs has moved on)."""
+
+    def __init__(self, attribute: attrs.Attribute, message: str) -> None:
+        super().__init__(message)
+        self.field = attribute.name
+
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
+
+
+def _ae_title(_inst: object, attribute: attrs.Attribute, value: str) -> None:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise FieldError(
+            attribute, f'"{value}" is not an AE title (1-16 printable ASCII characters, no "\\")'
+        )
+
+
+def _port(_inst: object, attribute: attrs.Attribute, value: int) -> None:
+    # 0 asks the OS for a free port: tests and the demo use it, the bound port is reported.
+    if not 0 <= value <= 65535:
+        raise FieldError(attribute, f"{value} is not a TCP port (0-65535)")
+
+
+def _positive(_inst: object, attribute: attrs.Attribute, value: float) -> None:
+    if value <= 0:
+        raise FieldError(attribute, f"{value} must be greater than 0")
+
+
+def _non_negative(_inst: object, attribute: attrs.Attribute, value: float) -> None:
+    if value < 0:
+        raise FieldError(attribute, f"{value} must be 0 or more")
+
+
+def _ip_address(_inst: object, attribute: attrs.Attribute, value: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise FieldError(attribute, f"{value!r} is not an IP address") from None
+
+
+# --- the tree ------------------------------------------------------------------------------------
+
+
+@frozen
+class PeerConfig:
+    """A modality allowed to associate: its calling AE title and the address it connects from."""
+
+    ae_title: str = field(validator=_ae_title)
+    address: str = field(validator=_ip_address)
+
+
+@frozen
+class StorageScpConfig:
+    ae_title: str = field(default="SCREENING_PACS", validator=_ae_title)
+    port: int = field(default=4244, validator=_port)
+    #: C-STORE is refused with 0xA700 (out of resources) below this much free space.
+    min_free_mb: int = field(default=2048, validator=_non_negative)
+
+
+@frozen
+class WorklistScpConfig:
+    ae_title: str = field(default="SCREENING_MWL", validator=_ae_title)
+    port: int = field(default=4243, validator=_port)
+
+
+@frozen
+class DicomConfig:
+    host: str = field(default="0.0.0.0", validator=_ip_address)
+    #: Largest PDU we accept; modalities send PDUs up to this size (pynetdicom's default is 16 KiB).
+    max_pdu_bytes: int = field(default=4 * 1024 * 1024, validator=_positive)
+    max_associations: int = field(default=32, validator=_positive)
+    #: Seconds without traffic before an association is aborted.
+    network_timeout_s: float = field(default=60.0, validator=_positive)
+    #: Empty: any peer may associate. Otherwise only these AE titles, from these addresses.
+    peers: tuple[PeerConfig, ...] = ()
+    storage: StorageScpConfig = StorageScpConfig()
+    worklist: WorklistScpConfig = WorklistScpConfig()
+
+
+@frozen
+class LogConfig:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["logfmt", "json"] = "logfmt"
+
+
+@frozen
+class SupervisorConfig:
+    #: Bound on a graceful stop (SIGTERM): in-flight associations get this long to finish.
+    shutdown_timeout_s: float = field(default=10.0, validator=_positive)
+    initial_backoff_s: float = field(default=0.5, validator=_positive)
+    max_backoff_s: float = field(default=30.0, validator=_positive)
+    #: More restarts than this within restart_window_s and the process exits non-zero.
+    max_restarts: int = field(default=5, validator=_non_negative)
+    restart_window_s: float = field(default=60.0, validator=_positive)
+
+
+@frozen
+class RelayConfig:
+    enabled: bool = False
+    key_name: str = "RootManageSharedAccessKey"
+    #: A file holding the SAS key, or the name of a systemd credential ($CREDENTIALS_DIRECTORY).
+    #: Never the key itself: keys do not belong in a config file.
+    key_file: str = ""
+
+
+@frozen
+class Config:
+    state_dir: Path = Path("/var/lib/screening-gateway")
+    dicom: DicomConfig = DicomConfig()
+    log: LogConfig = LogConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    relay: RelayConfig = RelayConfig()
+
+
+# --- structuring ---------------------------------------------------------------------------------
+
+
+def _strict(kind: type, accepts: tuple[type, ...], name: str):
+    def structure(value: Any, _type: type) -> Any:
+        # bool is an int in Python; a config value of `true` for a port is still a mistake.
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, accepts):
+            raise ValueError(f"expected {name}, got {value!r}")
+        return kind(value)
+
+    return structure
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True)
+    converter.register_structure_hook(int, _strict(int, (int,), "an integer"))
+    converter.register_structure_hook(float, _strict(float, (int, float), "a number"))
+    converter.register_structure_hook(str, _strict(str, (str,), "a string"))
+    converter.register_structure_hook(bool, _strict(bool, (bool,), "true or false"))
+    converter.register_structure_hook(Path, _strict(Path, (str,), "a path"))
+    converter.register_unstructure_hook(Path, str)
+    converter.register_structure_hook_func(lambda t: get_origin(t) is Literal, _structure_choice)
+    return converter
+
+
+def _structure_choice(value: Any, type_: Any) -> Any:
+    choices = get_args(type_)
+    if value not in choices:
+        raise ValueError(f"expected one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+converter = _make_converter()
+
+
+_FIELD_MARK = "\x1f"
+
+
+def _describe(exc: BaseException, _type: Any) -> str:
+    if isinstance(exc, FieldError):
+        return f"{exc.field}{_FIELD_MARK}{exc}"
+    if isinstance(exc, ForbiddenExtraKeysError):
+        return f"unknown key(s): {', '.join(sorted(exc.extra_fields))}"
+    if isinstance(exc, KeyError):
+        return "required key is missing"
+    return str(exc)
+
+
+def _problems(exc: Exception) -> list[str]:
+    lines = []
+    for line in cattrs.transform_error(exc, path="$", format_exception=_describe):
+        message, _, path = line.rpartition(" @ ")
+        if _FIELD_MARK in message:
+            field_name, message = message.split(_FIELD_MARK)
+            path = f"{path}.{field_name}"
+        key = path.removeprefix("$").removeprefix(".") or "(top level)"
+        lines.append(f"config: {key}: {message}")
+    return lines
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = name.removeprefix(ENV_PREFIX).lower().split("__")
+        try:  # a TOML value (4244, true, ["a"]); anything else is taken as a plain string
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = tree
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def structure(raw: dict[str, Any]) -> Config:
+    try:
+        return converter.structure(raw, Config)
+    except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
+        if isinstance(exc, cattrs.BaseValidationError):
+            raise ConfigError(_problems(exc)) from None
+        raise ConfigError([f"config: {exc}"]) from None
+
+
+def load(path: Path, environ: dict[str, str] | None = None) -> Config:
+    """Read, merge environment overrides, validate. Raises ConfigError."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"config: cannot read {path}: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"config: {path} is not valid TOML: {exc}"]) from None
+    raw = _merge(raw, _env_overrides(dict(os.environ) if environ is None else environ))
+    config = structure(raw)
+    if not config.state_dir.is_absolute():
+        # Relative state dirs are relative to the config file, so `just run` works from anywhere.
+        config = attrs.evolve(config, state_dir=(path.parent / config.state_dir).resolve())
+    return config
+
+
+def read_secret(reference: str, key: str, environ: dict[str, str] | None = None) -> bytes:
+    """Read a secret named by a config value: a systemd credential name or a file path."""
+    environ = dict(os.environ) if environ is None else environ
+    if not reference:
+        raise ConfigError([f"config: {key}: required when the relay is enabled"])
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    named_credential = credentials and "/" not in reference
+    path = Path(credentials) / reference if named_credential else Path(reference)
+    try:
+        secret = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError([f"config: {key}: cannot read {path}: {exc.strerror}"]) from None
+    if not secret:
+        raise ConfigError([f"config: {key}: {path} is empty"])
+    return secret
+
+
+def effective(config: Config, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The config as it will be used, with secrets replaced by a note of where they come from."""
+    tree = converter.unstructure(config)
+    if config.relay.enabled:
+        secret = read_secret(config.relay.key_file, "relay.key_file", environ)
+        tree["relay"]["key"] = f"<redacted: {len(secret)} bytes>"
+    return tree

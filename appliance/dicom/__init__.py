@@ -1,0 +1,1 @@
+"""DICOM services: pynetdicom servers run in threads, their handlers call into Trio."""

@@ -1,0 +1,36 @@
+# Screening gateway appliance: `just --list` is the help. CI runs these same recipes.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+python := env("PYTHON", "python3")
+venv := ".venv"
+bin := venv / "bin"
+
+# Create .venv and install the project with its dev tools (skipped when pyproject.toml is unchanged)
+bootstrap:
+    @if [ ! -x {{bin}}/python ]; then {{python}} -m venv {{venv}}; fi
+    @if [ ! -f {{venv}}/.installed ] || [ pyproject.toml -nt {{venv}}/.installed ]; then \
+        {{bin}}/pip install --quiet --upgrade pip && \
+        {{bin}}/pip install --quiet -e '.[dev]' && touch {{venv}}/.installed; fi
+
+# Run the appliance on the embedded local config (state under ./var/, ports 4244 and 4243)
+run *ARGS: bootstrap
+    {{bin}}/appliance run --config config/local.toml {{ARGS}}
+
+# Lint and format check, then the whole test suite
+test *ARGS: bootstrap lint
+    {{bin}}/pytest {{ARGS}}
+
+# ruff lint and format check
+lint: bootstrap
+    {{bin}}/ruff check .
+    {{bin}}/ruff format --check .
+
+# Rewrite formatting and apply safe lint fixes
+fmt: bootstrap
+    {{bin}}/ruff format .
+    {{bin}}/ruff check --fix .
+
+# Benchmarks against dcmtk peers on the same data, same run (prints ratios)
+bench *ARGS: bootstrap
+    {{bin}}/python -m bench {{ARGS}}

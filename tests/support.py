@@ -1,0 +1,143 @@
+"""Test support: config files, and the real appliance as a subprocess watched via sd_notify."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+BASE_CONFIG: dict[str, Any] = {
+    "dicom": {
+        "host": "127.0.0.1",
+        "storage": {"port": 0, "min_free_mb": 0},
+        "worklist": {"port": 0},
+    },
+    "supervisor": {"shutdown_timeout_s": 5, "initial_backoff_s": 0.2, "max_backoff_s": 1},
+    "log": {"level": "INFO"},
+}
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and key in out else value
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string is a JSON string
+
+
+def to_toml(tree: dict[str, Any], prefix: str = "") -> str:
+    lines, tables = [], []
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            tables.append(f"\n[{name}]\n" + to_toml(value, name))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            tables.extend(f"\n[[{name}]]\n" + to_toml(item, name) for item in value)
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "".join(tables) + "\n"
+
+
+def write_config(directory: Path, override: dict[str, Any] | None = None) -> Path:
+    tree = merge({"state_dir": str(directory / "state"), **BASE_CONFIG}, override or {})
+    path = directory / "appliance.toml"
+    path.write_text(to_toml(tree))
+    return path
+
+
+class NotifySocket:
+    """Stands in for systemd: receives the appliance's sd_notify datagrams."""
+
+    def __init__(self) -> None:
+        self.name = f"@appliance-test-{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name[1:])
+        self.received: list[dict[str, str]] = []
+
+    def receive(self, timeout: float) -> dict[str, str]:
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(4096).decode()
+        message = dict(line.split("=", 1) for line in data.splitlines())
+        self.received.append(message)
+        return message
+
+    def wait_for(self, key: str, timeout: float) -> dict[str, str]:
+        """Read datagrams until one carries `key`; all are kept in `received`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no {key} within {timeout} s; got {self.received}")
+            message = self.receive(remaining)
+            if key in message:
+                return message
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ApplianceProcess:
+    """`appliance run` in a subprocess, as systemd would run it."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.notify = NotifySocket()
+        self.log_path = config.parent / "appliance.log"
+        self.env = {**os.environ, "NOTIFY_SOCKET": self.notify.name, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ports: dict[str, int] = {}
+
+    def start(self) -> ApplianceProcess:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "run", "--config", str(self.config)],
+            env=self.env,
+            stdout=self._log,
+            stderr=self._log,
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> dict[str, int]:
+        message = self.notify.wait_for("READY", timeout)
+        self.ports = {
+            name: int(port) for name, port in re.findall(r"(\w+)_port=(\d+)", message["STATUS"])
+        }
+        return self.ports
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def __enter__(self) -> ApplianceProcess:
+        self.start()
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.notify.close()
+        self._log.close()
