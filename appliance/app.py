@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import signal
 
+import attrs
 import trio
 from pynetdicom import DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import Verification
 
 from appliance import __version__
 from appliance.config import Config
-from appliance.dicom.server import DicomServer
+from appliance.dicom import _pynetdicom
+from appliance.dicom.server import DicomServer, TrioDoor
+from appliance.dicom.storage_scp import STORAGE_CONTEXTS, StorageSCP
 from appliance.log import get_logger
 from appliance.sdnotify import Notifier
+from appliance.storage.index import StoredInstance
+from appliance.storage.layout import StorageLayout
+from appliance.storage.recovery import recover
+from appliance.storage.store import InstanceStore
 from appliance.supervisor import RestartPolicy, Supervisor
 
 log = get_logger("appliance")
 
 VERIFICATION = (Verification, DEFAULT_TRANSFER_SYNTAXES)
+#: Stored-instance notices waiting for the image pipeline. When full, notices are dropped: the
+#: pipeline also scans the index, so the association never waits on it.
+PIPELINE_NOTICES = 64
 
 
 def _echo(event: evt.Event) -> int:
@@ -28,45 +38,71 @@ class Appliance:
     def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
         self.config = config
         self.notifier = notifier or Notifier({})
-        dicom, supervision = config.dicom, config.supervisor
+        supervision = config.supervisor
         self.policy = RestartPolicy(
             initial_backoff=supervision.initial_backoff_s,
             max_backoff=supervision.max_backoff_s,
             max_restarts=supervision.max_restarts,
             window=supervision.restart_window_s,
         )
-        self.storage_server = DicomServer(
-            name="storage-scp",
-            ae_title=dicom.storage.ae_title,
-            port=dicom.storage.port,
-            contexts=[VERIFICATION],
-            handlers=[(evt.EVT_C_ECHO, _echo)],
-            dicom=dicom,
-            shutdown_timeout=supervision.shutdown_timeout_s,
+        self.layout = StorageLayout(config.state_dir)
+        send, self.stored_instances = trio.open_memory_channel[StoredInstance](PIPELINE_NOTICES)
+        self.store = InstanceStore(self.layout, stored=send)
+        self.storage_server: DicomServer | None = None
+        self.worklist_server: DicomServer | None = None
+        self.supervisor: Supervisor | None = None
+
+    def _server(self, name: str, ae_title: str, port: int, contexts, handlers) -> DicomServer:
+        return DicomServer(
+            name=name,
+            ae_title=ae_title,
+            port=port,
+            contexts=[VERIFICATION, *contexts],
+            handlers=[(evt.EVT_C_ECHO, _echo), *handlers],
+            dicom=self.config.dicom,
+            shutdown_timeout=self.config.supervisor.shutdown_timeout_s,
         )
-        self.worklist_server = DicomServer(
-            name="worklist-scp",
-            ae_title=dicom.worklist.ae_title,
-            port=dicom.worklist.port,
-            contexts=[VERIFICATION],
-            handlers=[(evt.EVT_C_ECHO, _echo)],
-            dicom=dicom,
-            shutdown_timeout=supervision.shutdown_timeout_s,
+
+    def _describe(self) -> str:
+        servers = (self.storage_server, self.worklist_server)
+        ports = [server.bound_port if server else None for server in servers]
+        return f"storage_port={ports[0]} worklist_port={ports[1]}"
+
+    async def _open_storage(self) -> None:
+        def open_and_recover() -> None:
+            self.store.open()
+            report = recover(self.layout, self.store.index)
+            log.info("storage.recovered", **attrs.asdict(report))
+
+        _pynetdicom.configure(self.layout.spool)
+        await trio.to_thread.run_sync(open_and_recover)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        dicom = self.config.dicom
+        log.info("appliance.starting", version=__version__, state_dir=self.config.state_dir)
+        await self._open_storage()
+        door = TrioDoor.current()
+        storage_scp = StorageSCP(self.store, door, dicom.storage.min_free_mb * 1024 * 1024)
+        self.storage_server = self._server(
+            "storage-scp",
+            dicom.storage.ae_title,
+            dicom.storage.port,
+            STORAGE_CONTEXTS,
+            storage_scp.handlers(),
+        )
+        self.worklist_server = self._server(
+            "worklist-scp", dicom.worklist.ae_title, dicom.worklist.port, [], []
         )
         self.supervisor = Supervisor(
             [(self.storage_server, self.policy), (self.worklist_server, self.policy)],
             self.notifier,
             describe=self._describe,
         )
-
-    def _describe(self) -> str:
-        ports = (self.storage_server.bound_port, self.worklist_server.bound_port)
-        return f"storage_port={ports[0]} worklist_port={ports[1]}"
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self.config.state_dir.mkdir(parents=True, exist_ok=True)
-        log.info("appliance.starting", version=__version__, state_dir=self.config.state_dir)
-        await self.supervisor.run(task_status=task_status)
+        try:
+            await self.supervisor.run(task_status=task_status)
+        finally:
+            # Servers have drained by now (their own shielded cleanup); the index closes last.
+            self.store.close()
 
 
 async def _cancel_on_signal(

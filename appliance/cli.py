@@ -33,7 +33,7 @@ def _leaves(exc: BaseException):
 def cmd_run(args: argparse.Namespace) -> int:
     from appliance.app import serve
     from appliance.sdnotify import Notifier
-    from appliance.supervisor import RestartBudgetExceeded
+    from appliance.supervisor import RestartBudgetExceeded, describe_error
 
     config = _load(args)
     log.configure(config.log.level, config.log.format)
@@ -47,6 +47,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "appliance.failed", phase="supervision", service_name=exc.service, error=str(exc)
             )
         status = 1
+    except* Exception as group:
+        # Anything else escaping the supervisor is a startup failure (state dir, index, ...).
+        log.get_logger("appliance").exception(
+            "appliance.failed", phase="startup", error=describe_error(group)
+        )
+        status = 1
     finally:
         notifier.close()
     return status
@@ -57,6 +63,37 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(json.dumps(config_module.effective(config), indent=2))
     print(f"config ok: {_config_path(args)}", file=sys.stderr)
     return 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from appliance.storage.layout import StorageLayout
+    from appliance.storage.recovery import ProgressPrinter, recover
+    from appliance.storage.store import InstanceStore
+
+    config = _load(args)
+    store = InstanceStore(StorageLayout(config.state_dir))
+    store.open()
+    try:
+        report = recover(
+            store.layout,
+            store.index,
+            verify_hashes=args.verify_hashes,
+            progress=ProgressPrinter(lambda line: print(line, file=sys.stderr)),
+        )
+        indexed = store.index.count()
+    finally:
+        store.close()
+    print(
+        f"fsck: {indexed} indexed instances; spool files removed {report.spool_files_removed}, "
+        f"re-indexed {report.files_reindexed}, missing {report.rows_missing}, "
+        f"corrupt {report.rows_corrupt}, restored {report.rows_restored}, "
+        f"unrecognised files {len(report.files_unrecognised)}"
+        + (f", hashes verified {report.files_checked}" if args.verify_hashes else "")
+    )
+    for path in report.files_unrecognised:
+        print(f"fsck: unrecognised file storage/{path}")
+    # Non-zero when something was wrong, so scripts and runbooks notice; repairs are done.
+    return 0 if report.clean else 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     config_cmd = command(commands, "config", "configuration tools")
     config_sub = config_cmd.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     command(config_sub, "check", "validate and print the effective config", cmd_config_check)
+    fsck = command(commands, "fsck", "reconcile stored files with the index, repairing", cmd_fsck)
+    fsck.add_argument(
+        "--verify-hashes", action="store_true", help="re-read every file and check its SHA-256"
+    )
     return parser
 
 

@@ -141,3 +141,81 @@ class ApplianceProcess:
             self.proc.wait(10)
         self.notify.close()
         self._log.close()
+
+
+# --- DICOM files and peers ----------------------------------------------------------------------
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes after the File Meta group: what travels in a C-STORE."""
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM", f"{path} is not a DICOM Part 10 file"
+    group_length = int.from_bytes(data[140:144], "little")  # (0002,0000) UL, explicit VR LE
+    return data[144 + group_length :]
+
+
+def encode(source: Path, target: Path, transfer_syntax: str) -> Path:
+    """Re-encode a file with dcmtk's encoders or pydicom's (for those dcmtk lacks)."""
+    import pydicom
+    from pydicom import uid
+
+    tools = {
+        uid.JPEGLosslessSV1: ["dcmcjpeg"],
+        uid.JPEGLSLossless: ["dcmcjpls"],
+        uid.RLELossless: ["dcmcrle"],
+    }
+    if transfer_syntax in tools:
+        subprocess.run([*tools[transfer_syntax], str(source), str(target)], check=True)
+        return target
+    ds = pydicom.dcmread(source)
+    if transfer_syntax in (uid.JPEG2000Lossless,):
+        ds.compress(transfer_syntax, generate_instance_uid=False)  # keep the object's identity
+    else:
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def send_files(
+    port: int,
+    paths: list[Path],
+    *,
+    called: str = "SCREENING_PACS",
+    calling: str = "MODALITY1",
+) -> list[Any]:
+    """C-STORE each file's bytes exactly as they are on disk (pynetdicom chunked send).
+
+    Returns each response's status dataset (or None if the association failed).
+    """
+    import pydicom
+    from pynetdicom import AE, _config
+
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(calling)
+    for path in paths:
+        meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+        ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return [None for _ in paths]
+    try:
+        return [assoc.send_c_store(path) for path in paths]
+    finally:
+        assoc.release()
+
+
+def storescu(port: int, *args: str, called: str = "SCREENING_PACS") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["storescu", "-aec", called, *args[:-1], "127.0.0.1", str(port), args[-1]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def index_rows(state_dir: Path, table: str = "stored_instances") -> list[dict[str, Any]]:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{state_dir / 'pacs.db'}?mode=ro", uri=True) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(row) for row in db.execute(f"SELECT * FROM {table}")]

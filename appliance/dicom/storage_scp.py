@@ -1,0 +1,136 @@
+"""C-STORE handler: the received dataset is already in a spool file (chunked receive).
+
+Success (0x0000) is returned only after the file is fsynced, linked into its hash path, the
+directory fsynced and the index row committed. Every failure answers a DICOM status with an
+Error Comment; the spool file is then deleted by pynetdicom, so nothing partial remains.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+from pydicom import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AllStoragePresentationContexts, evt
+
+from appliance.dicom.server import ApplianceStopping, Handler, TrioDoor
+from appliance.log import get_logger
+from appliance.storage.layout import hash_and_sync
+from appliance.storage.store import (
+    DUPLICATE_CONFLICT,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    InstanceStore,
+    InvalidInstance,
+    Outcome,
+    describe,
+)
+
+log = get_logger("storage-scp")
+
+#: pynetdicom accepts the first of *these* that the modality proposes, so the order is policy:
+#: lossless compressed first (smaller on disk and on the uplink; all decodable by the pylibjpeg
+#: and OpenJPEG plugins we ship), then uncompressed, and lossy only if nothing else is offered.
+TRANSFER_SYNTAXES = [
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    RLELossless,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGLSNearLossless,
+    JPEG2000,
+    JPEGExtended12Bit,
+    JPEGBaseline8Bit,
+]
+
+STORAGE_CONTEXTS = [
+    (cx.abstract_syntax, TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts
+]
+
+
+def status(code: int, comment: str) -> Dataset:
+    response = Dataset()
+    response.Status = code
+    response.ErrorComment = comment[:64]  # LO
+    return response
+
+
+class StorageSCP:
+    def __init__(self, store: InstanceStore, door: TrioDoor, min_free_bytes: int) -> None:
+        self._store = store
+        self._door = door
+        self._min_free_bytes = min_free_bytes
+
+    def handlers(self) -> list[Handler]:
+        return [(evt.EVT_C_STORE, self.handle_store)]
+
+    def handle_store(self, event: evt.Event) -> int | Dataset:
+        spooled = Path(event.dataset_path)
+        requestor = event.assoc.requestor
+        request = event.request
+        context = {
+            "sop_instance_uid": request.AffectedSOPInstanceUID,
+            "calling_ae": requestor.ae_title,
+            "address": requestor.address,
+        }
+        try:
+            free = self._store.free_bytes()
+            if free < self._min_free_bytes:
+                log.warning("instance.refused", phase="disk-floor", free_bytes=free, **context)
+                return status(OUT_OF_RESOURCES, "Disk space below the configured floor")
+            storage_hash, size = hash_and_sync(spooled)
+            instance = describe(
+                spooled,
+                storage_hash=storage_hash,
+                file_size=size,
+                layout=self._store.layout,
+                expected_sop_instance_uid=request.AffectedSOPInstanceUID,
+                expected_sop_class_uid=request.AffectedSOPClassUID,
+                source_aet=requestor.ae_title,
+                source_address=requestor.address,
+            )
+            outcome = self._door.run(self._store.commit, spooled, instance)
+        except InvalidInstance as exc:
+            log.warning("instance.rejected", phase="validate", reason=exc.reason, **context)
+            return status(exc.status, exc.reason)
+        except ApplianceStopping:
+            log.warning("instance.refused", phase="shutdown", **context)
+            return status(OUT_OF_RESOURCES, "Gateway is restarting; send again")
+        except OSError as exc:
+            log.exception("instance.failed", phase="store", **context)
+            if exc.errno == errno.ENOSPC:
+                return status(OUT_OF_RESOURCES, "Disk full")
+            return status(PROCESSING_FAILURE, f"Storage error: {exc.strerror}")
+        except Exception:
+            log.exception("instance.failed", phase="store", **context)
+            return status(PROCESSING_FAILURE, "Internal error while storing")
+        log.info(
+            "instance.stored",
+            outcome=outcome.value,
+            bytes=size,
+            transfer_syntax=instance.transfer_syntax_uid,
+            study_instance_uid=instance.study_instance_uid,
+            **context,
+        )
+        if outcome is Outcome.CONFLICT:
+            return status(DUPLICATE_CONFLICT, "UID already stored with other content; kept aside")
+        return 0x0000

@@ -1,0 +1,149 @@
+"""The SQLite index of stored instances (`pacs.db`).
+
+Synchronous and not thread-safe on its own: the InstanceStore is its one writer and serialises
+every call through a single-thread limiter. WAL lets status readers use their own connections.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+from attrs import frozen
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS stored_instances (
+    sop_instance_uid    TEXT PRIMARY KEY,
+    storage_path        TEXT NOT NULL UNIQUE,
+    file_size           INTEGER NOT NULL,
+    storage_hash        TEXT NOT NULL,
+    patient_id          TEXT,
+    patient_name        TEXT,
+    accession_number    TEXT,
+    study_instance_uid  TEXT NOT NULL,
+    series_instance_uid TEXT,
+    sop_class_uid       TEXT NOT NULL,
+    modality            TEXT,
+    image_laterality    TEXT,
+    view_position       TEXT,
+    transfer_syntax_uid TEXT NOT NULL,
+    number_of_frames    INTEGER,
+    source_aet          TEXT,
+    source_address      TEXT,
+    status              TEXT NOT NULL DEFAULT 'STORED',  -- STORED, MISSING, CORRUPT
+    created_at          TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS stored_instances_study ON stored_instances (study_instance_uid);
+CREATE INDEX IF NOT EXISTS stored_instances_accession ON stored_instances (accession_number);
+CREATE INDEX IF NOT EXISTS stored_instances_created ON stored_instances (created_at);
+
+-- A second object arriving under a stored SOP Instance UID with different bytes.
+CREATE TABLE IF NOT EXISTS instance_conflicts (
+    id               INTEGER PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL,
+    conflict_path    TEXT NOT NULL,
+    file_size        INTEGER NOT NULL,
+    storage_hash     TEXT NOT NULL,
+    source_aet       TEXT,
+    source_address   TEXT,
+    created_at       TEXT NOT NULL
+);
+"""
+
+
+@frozen
+class StoredInstance:
+    """One row of the index: what was stored, where, and what it is."""
+
+    sop_instance_uid: str
+    storage_path: str  # relative to storage/
+    file_size: int
+    storage_hash: str  # SHA-256 of the file bytes
+    study_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    created_at: str
+    series_instance_uid: str | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    accession_number: str | None = None
+    modality: str | None = None
+    image_laterality: str | None = None
+    view_position: str | None = None
+    number_of_frames: int | None = None
+    source_aet: str | None = None
+    source_address: str | None = None
+    status: str = "STORED"
+
+
+_COLUMNS = [a.name for a in attrs.fields(StoredInstance)]
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    connection.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit is on disk when it returns; Success to the modality depends on it.
+    connection.execute("PRAGMA synchronous=FULL")
+    connection.execute("PRAGMA busy_timeout=10000")
+    connection.row_factory = sqlite3.Row
+    return connection
+
+
+class Index:
+    def __init__(self, path: Path) -> None:
+        self._db = connect(path)
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def get(self, sop_instance_uid: str) -> StoredInstance | None:
+        row = self._db.execute(
+            "SELECT * FROM stored_instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+        ).fetchone()
+        return StoredInstance(**dict(row)) if row else None
+
+    def insert(self, instance: StoredInstance) -> None:
+        placeholders = ", ".join("?" for _ in _COLUMNS)
+        self._db.execute(
+            f"INSERT INTO stored_instances ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
+            attrs.astuple(instance),
+        )
+
+    def add_conflict(self, instance: StoredInstance, conflict_path: str) -> None:
+        self._db.execute(
+            "INSERT INTO instance_conflicts (sop_instance_uid, conflict_path, file_size,"
+            " storage_hash, source_aet, source_address, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                instance.sop_instance_uid,
+                conflict_path,
+                instance.file_size,
+                instance.storage_hash,
+                instance.source_aet,
+                instance.source_address,
+                instance.created_at,
+            ),
+        )
+
+    def delete(self, sop_instance_uid: str) -> None:
+        self._db.execute(
+            "DELETE FROM stored_instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+        )
+
+    def set_status(self, sop_instance_uid: str, status: str) -> None:
+        self._db.execute(
+            "UPDATE stored_instances SET status = ? WHERE sop_instance_uid = ?",
+            (status, sop_instance_uid),
+        )
+
+    def instances(self) -> Iterator[StoredInstance]:
+        for row in self._db.execute("SELECT * FROM stored_instances ORDER BY created_at"):
+            yield StoredInstance(**dict(row))
+
+    def conflicts(self) -> list[sqlite3.Row]:
+        return self._db.execute("SELECT * FROM instance_conflicts ORDER BY id").fetchall()
+
+    def count(self) -> int:
+        return self._db.execute("SELECT count(*) FROM stored_instances").fetchone()[0]

@@ -1,0 +1,120 @@
+"""Reconcile files and index after a crash (at every startup) and on demand (`appliance fsck`).
+
+- spool/: every file there belongs to an association that no longer exists: deleted.
+- storage/ files without an index row (a crash between placing and indexing): indexed again.
+- index rows whose file is gone: flagged MISSING (a re-send from the modality restores them).
+- with verify_hashes: rows whose file no longer matches its SHA-256 are flagged CORRUPT.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+
+from appliance.log import get_logger
+from appliance.storage.index import Index
+from appliance.storage.layout import StorageLayout, file_sha256, hash_and_sync
+from appliance.storage.store import InvalidInstance, describe
+
+log = get_logger("storage")
+
+Progress = Callable[[str, int, int], None]
+
+
+@attrs.define
+class RecoveryReport:
+    spool_files_removed: int = 0
+    files_reindexed: int = 0
+    files_unrecognised: list[str] = attrs.Factory(list)
+    rows_missing: int = 0
+    rows_corrupt: int = 0
+    rows_restored: int = 0
+    files_checked: int = 0
+
+    @property
+    def clean(self) -> bool:
+        problems = self.files_unrecognised or self.rows_missing or self.rows_corrupt
+        return not (problems or self.files_reindexed or self.spool_files_removed)
+
+
+def _stored_files(storage: Path) -> list[str]:
+    found = []
+    for directory, _dirs, files in os.walk(storage):
+        for name in files:
+            found.append(os.path.relpath(os.path.join(directory, name), storage))
+    return sorted(found)
+
+
+def recover(
+    layout: StorageLayout,
+    index: Index,
+    *,
+    verify_hashes: bool = False,
+    progress: Progress | None = None,
+) -> RecoveryReport:
+    report = RecoveryReport()
+    for leftover in layout.spool.iterdir():
+        leftover.unlink()
+        report.spool_files_removed += 1
+
+    rows = {row.storage_path: row for row in index.instances()}
+    files = _stored_files(layout.storage)
+    for relative in files:
+        if relative in rows:
+            continue
+        path = layout.absolute(relative)
+        try:
+            storage_hash, size = hash_and_sync(path)
+            instance = describe(path, storage_hash=storage_hash, file_size=size, layout=layout)
+        except (InvalidInstance, OSError) as exc:
+            log.warning("recovery.unrecognised_file", path=relative, reason=str(exc))
+            report.files_unrecognised.append(relative)
+            continue
+        if instance.storage_path != relative:
+            log.warning("recovery.unrecognised_file", path=relative, reason="not at its hash path")
+            report.files_unrecognised.append(relative)
+            continue
+        index.insert(instance)
+        report.files_reindexed += 1
+
+    present = set(files)
+    total = len(rows)
+    for done, (relative, row) in enumerate(rows.items(), start=1):
+        if relative not in present:
+            if row.status != "MISSING":
+                index.set_status(row.sop_instance_uid, "MISSING")
+                report.rows_missing += 1
+        else:
+            healthy = True
+            if verify_hashes:
+                report.files_checked += 1
+                healthy = file_sha256(layout.absolute(relative)) == row.storage_hash
+            if not healthy and row.status != "CORRUPT":
+                index.set_status(row.sop_instance_uid, "CORRUPT")
+                report.rows_corrupt += 1
+            elif healthy and row.status != "STORED" and (verify_hashes or row.status == "MISSING"):
+                index.set_status(row.sop_instance_uid, "STORED")
+                report.rows_restored += 1
+        if progress is not None:
+            progress("verify" if verify_hashes else "check", done, total)
+    return report
+
+
+class ProgressPrinter:
+    """Prints `fsck: verify 1200/5000 (24%)` at most once a second, and at the end."""
+
+    def __init__(self, write: Callable[[str], None], interval: float = 1.0) -> None:
+        self._write = write
+        self._interval = interval
+        self._last = 0.0
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - self._last >= self._interval:
+            self._last = now
+            percent = 100 * done // total if total else 100
+            self._write(f"fsck: {phase} {done}/{total} ({percent}%)")

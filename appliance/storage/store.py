@@ -1,0 +1,248 @@
+"""Durable storage of received instances: spool -> fsync -> link into the hash path -> index.
+
+The file work that can run in parallel (hashing, fsync, header parsing) happens in the caller's
+thread, i.e. each association's own thread. The part that must not race — look up the UID,
+place the file, insert the row — runs in one writer thread at a time via ``commit``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pydicom
+import trio
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import data_element_generator
+from pydicom.uid import UID
+
+from appliance.log import get_logger
+from appliance.storage.index import Index, StoredInstance
+from appliance.storage.layout import StorageLayout, file_sha256, place
+
+log = get_logger("storage")
+
+# C-STORE statuses (PS3.4 B.2.3)
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+#: Warning for "already stored with other content; this copy kept aside". PS3.4 defines no
+#: dedicated code; B000 (coercion) is the warning modalities log and carry on from.
+DUPLICATE_CONFLICT = 0xB000
+
+
+class InvalidInstance(Exception):
+    """The dataset cannot be stored as it is; ``status`` is the DICOM failure to answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Outcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # same UID, same bytes: nothing rewritten
+    CONFLICT = "conflict"  # same UID, other bytes: first kept, newcomer kept aside
+
+
+def _text(dataset: pydicom.Dataset, keyword: str) -> str | None:
+    value = dataset.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value).strip() or None
+
+
+PIXEL_DATA = 0x7FE00010
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def check_structure(path: Path, transfer_syntax: UID, dataset_offset: int) -> bool:
+    """Walk the element headers up to Pixel Data without reading values; raise if the lengths
+    run past the end of the file (pydicom's reader truncates silently). True if Pixel Data is
+    present and complete."""
+    if transfer_syntax.is_deflated:
+        return True  # the inflated stream has no file offsets to check; pydicom parsed it
+    implicit, little = transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
+    with path.open("rb") as stream:
+        size = os.fstat(stream.fileno()).st_size
+        stream.seek(dataset_offset)
+        for _element in data_element_generator(
+            stream,
+            implicit,
+            little,
+            stop_when=lambda tag, vr, length: tag == PIXEL_DATA,
+            defer_size=1,
+        ):
+            if stream.tell() > size:
+                break
+        position = stream.tell()
+        if position > size:
+            raise InvalidInstance(CANNOT_UNDERSTAND, "malformed dataset: lengths past its end")
+        header = stream.read(8 if implicit else 12)
+    if len(header) < 8:
+        return False
+    length_at = 4 if implicit else 8
+    (length,) = struct.unpack_from("<I" if little else ">I", header, length_at)
+    if length != UNDEFINED_LENGTH and position + len(header) + length > size:
+        raise InvalidInstance(DATASET_MISMATCH, "Pixel Data truncated")
+    return True
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def _dataset_offset(path: Path) -> int:
+    """Where the dataset starts: after the preamble, 'DICM' and the File Meta group, whose
+    length (0002,0000) is the first element (pynetdicom and pydicom always write it)."""
+    with path.open("rb") as stream:
+        head = stream.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+        raise InvalidInstance(CANNOT_UNDERSTAND, "no DICOM File Meta group")
+    return 144 + int.from_bytes(head[140:144], "little")
+
+
+def describe(
+    path: Path,
+    *,
+    storage_hash: str,
+    file_size: int,
+    layout: StorageLayout,
+    expected_sop_instance_uid: str | None = None,
+    expected_sop_class_uid: str | None = None,
+    source_aet: str | None = None,
+    source_address: str | None = None,
+) -> StoredInstance:
+    """Read a stored/spooled file's header (never its pixel data) into an index row."""
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+        transfer_syntax = dataset.file_meta.TransferSyntaxUID
+        has_pixels = check_structure(path, transfer_syntax, _dataset_offset(path))
+        sop_instance_uid = _text(dataset, "SOPInstanceUID")
+        sop_class_uid = _text(dataset, "SOPClassUID")
+        study_instance_uid = _text(dataset, "StudyInstanceUID")
+        frames = dataset.get("NumberOfFrames")
+        number_of_frames = int(frames) if frames not in (None, "") else None
+        fields = {
+            key: _text(dataset, keyword)
+            for key, keyword in [
+                ("series_instance_uid", "SeriesInstanceUID"),
+                ("patient_id", "PatientID"),
+                ("patient_name", "PatientName"),
+                ("accession_number", "AccessionNumber"),
+                ("modality", "Modality"),
+                ("view_position", "ViewPosition"),
+            ]
+        }
+        laterality = _text(dataset, "ImageLaterality") or _text(dataset, "Laterality")
+    except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError) as exc:
+        raise InvalidInstance(CANNOT_UNDERSTAND, f"unreadable dataset: {exc}") from exc
+    if not sop_instance_uid:
+        raise InvalidInstance(DATASET_MISMATCH, "SOP Instance UID missing")
+    if expected_sop_instance_uid and sop_instance_uid != expected_sop_instance_uid:
+        raise InvalidInstance(DATASET_MISMATCH, "SOP Instance UID differs from the request")
+    if not sop_class_uid or (expected_sop_class_uid and sop_class_uid != expected_sop_class_uid):
+        raise InvalidInstance(DATASET_MISMATCH, "SOP Class UID missing or differs from request")
+    if not study_instance_uid:
+        raise InvalidInstance(DATASET_MISMATCH, "Study Instance UID missing")
+    if "Rows" in dataset and not has_pixels:
+        raise InvalidInstance(DATASET_MISMATCH, "Pixel Data missing from an image")
+    try:
+        storage_path = layout.relative_path(sop_instance_uid)
+    except UnicodeEncodeError:
+        raise InvalidInstance(DATASET_MISMATCH, "SOP Instance UID is not ASCII") from None
+    return StoredInstance(
+        sop_instance_uid=sop_instance_uid,
+        storage_path=storage_path,
+        file_size=file_size,
+        storage_hash=storage_hash,
+        study_instance_uid=study_instance_uid,
+        sop_class_uid=sop_class_uid,
+        transfer_syntax_uid=str(transfer_syntax),
+        created_at=now_utc(),
+        image_laterality=laterality,
+        number_of_frames=number_of_frames,
+        source_aet=source_aet,
+        source_address=source_address,
+        **fields,
+    )
+
+
+class InstanceStore:
+    """Owns the index's write connection and the files under storage/ and conflicts/."""
+
+    def __init__(
+        self,
+        layout: StorageLayout,
+        stored: trio.MemorySendChannel[StoredInstance] | None = None,
+    ) -> None:
+        self.layout = layout
+        self._stored = stored
+        self._writer = trio.CapacityLimiter(1)
+        self._index: Index | None = None
+
+    @property
+    def index(self) -> Index:
+        if self._index is None:
+            raise RuntimeError("InstanceStore is not open")
+        return self._index
+
+    def open(self) -> None:
+        self.layout.create()
+        self._index = Index(self.layout.index_path)
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.close()
+            self._index = None
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.layout.state_dir).free
+
+    async def commit(self, spooled: Path, instance: StoredInstance) -> Outcome:
+        """Place a hashed and fsynced spool file and index it; durable when this returns."""
+        outcome = await trio.to_thread.run_sync(
+            self.commit_sync, spooled, instance, limiter=self._writer
+        )
+        if outcome is Outcome.STORED and self._stored is not None:
+            try:
+                self._stored.send_nowait(instance)
+            except trio.WouldBlock:
+                # The index is the source of truth; the pipeline picks up what it did not hear of.
+                log.debug("pipeline.busy", sop_instance_uid=instance.sop_instance_uid)
+        return outcome
+
+    def commit_sync(self, spooled: Path, instance: StoredInstance) -> Outcome:
+        index = self.index
+        existing = index.get(instance.sop_instance_uid)
+        if existing is not None and existing.status == "MISSING":
+            # The file was lost (flagged by recovery); a re-send restores it.
+            index.delete(instance.sop_instance_uid)
+            existing = None
+        if existing is not None:
+            if existing.storage_hash == instance.storage_hash:
+                spooled.unlink()
+                return Outcome.DUPLICATE
+            return self._keep_aside(spooled, instance)
+        target = self.layout.absolute(instance.storage_path)
+        if not place(spooled, target):
+            # A file is there without a row: a crash between placing and indexing, or another
+            # UID sharing the 64-bit name prefix. Never overwrite; index it only if identical.
+            if file_sha256(target) != instance.storage_hash:
+                return self._keep_aside(spooled, instance)
+            spooled.unlink()
+        index.insert(instance)
+        return Outcome.STORED
+
+    def _keep_aside(self, spooled: Path, instance: StoredInstance) -> Outcome:
+        name = f"{Path(instance.storage_path).stem}-{instance.storage_hash[:16]}.dcm"
+        if not place(spooled, self.layout.conflicts / name):
+            spooled.unlink()  # this very copy is already kept aside
+        self.index.add_conflict(instance, name)
+        return Outcome.CONFLICT
