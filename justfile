@@ -33,4 +33,4 @@ fmt: bootstrap
 
 # Benchmarks against dcmtk peers on the same data, same run (prints ratios)
 bench *ARGS: bootstrap
-    {{bin}}/python -m bench {{ARGS}}
+    {{bin}}/python -m tests.bench {{ARGS}}

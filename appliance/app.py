@@ -19,6 +19,7 @@ from appliance.sdnotify import Notifier
 from appliance.storage.index import StoredInstance
 from appliance.storage.layout import StorageLayout
 from appliance.storage.recovery import recover
+from appliance.storage.spool import SpoolSweeper
 from appliance.storage.store import InstanceStore
 from appliance.supervisor import RestartPolicy, Supervisor
 
@@ -93,8 +94,15 @@ class Appliance:
         self.worklist_server = self._server(
             "worklist-scp", dicom.worklist.ae_title, dicom.worklist.port, [], []
         )
+        # An active transfer touches its spool file continuously; an idle association is aborted
+        # after network_timeout_s. Anything much older belongs to an association that is gone.
+        sweeper = SpoolSweeper(self.layout.spool, older_than=max(300, 4 * dicom.network_timeout_s))
         self.supervisor = Supervisor(
-            [(self.storage_server, self.policy), (self.worklist_server, self.policy)],
+            [
+                (self.storage_server, self.policy),
+                (self.worklist_server, self.policy),
+                (sweeper, self.policy),
+            ],
             self.notifier,
             describe=self._describe,
         )

@@ -28,9 +28,9 @@ from pydicom.uid import (
 )
 from pynetdicom import AllStoragePresentationContexts, evt
 
+from appliance.dicom._pynetdicom import received_spool_file
 from appliance.dicom.server import ApplianceStopping, Handler, TrioDoor
 from appliance.log import get_logger
-from appliance.storage.layout import hash_and_sync
 from appliance.storage.store import (
     DUPLICATE_CONFLICT,
     OUT_OF_RESOURCES,
@@ -97,7 +97,7 @@ class StorageSCP:
             if free < self._min_free_bytes:
                 log.warning("instance.refused", phase="disk-floor", free_bytes=free, **context)
                 return status(OUT_OF_RESOURCES, "Disk space below the configured floor")
-            storage_hash, size = hash_and_sync(spooled)
+            storage_hash, size = received_spool_file(event).sync()
             instance = describe(
                 spooled,
                 storage_hash=storage_hash,
