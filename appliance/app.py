@@ -14,14 +14,17 @@ from appliance.config import Config
 from appliance.dicom import _pynetdicom
 from appliance.dicom.server import DicomServer, TrioDoor
 from appliance.dicom.storage_scp import STORAGE_CONTEXTS, StorageSCP
+from appliance.dicom.worklist_scp import WORKLIST_CONTEXTS, WorklistSCP
 from appliance.log import get_logger
 from appliance.sdnotify import Notifier
 from appliance.storage.index import StoredInstance
-from appliance.storage.layout import StorageLayout
+from appliance.storage.layout import StorageLayout, ensure_directory
 from appliance.storage.recovery import recover
 from appliance.storage.spool import SpoolSweeper
 from appliance.storage.store import InstanceStore
 from appliance.supervisor import RestartPolicy, Supervisor
+from appliance.worklist.housekeeping import WorklistHousekeeper
+from appliance.worklist.store import WorklistStore
 
 log = get_logger("appliance")
 
@@ -48,7 +51,8 @@ class Appliance:
         )
         self.layout = StorageLayout(config.state_dir)
         send, self.stored_instances = trio.open_memory_channel[StoredInstance](PIPELINE_NOTICES)
-        self.store = InstanceStore(self.layout, stored=send)
+        self.worklist = WorklistStore(config.state_dir / "worklist.db")
+        self.store = InstanceStore(self.layout, stored=send, on_stored=self._image_stored)
         self.storage_server: DicomServer | None = None
         self.worklist_server: DicomServer | None = None
         self.supervisor: Supervisor | None = None
@@ -69,8 +73,14 @@ class Appliance:
         ports = [server.bound_port if server else None for server in servers]
         return f"storage_port={ports[0]} worklist_port={ports[1]}"
 
-    async def _open_storage(self) -> None:
+    async def _image_stored(self, instance: StoredInstance) -> None:
+        if instance.accession_number:
+            await self.worklist.write(self.worklist.image_arrived, instance.accession_number)
+
+    async def _open_stores(self) -> None:
         def open_and_recover() -> None:
+            ensure_directory(self.config.state_dir)
+            self.worklist.open()
             self.store.open()
             report = recover(self.layout, self.store.index)
             log.info("storage.recovered", **attrs.asdict(report))
@@ -81,7 +91,7 @@ class Appliance:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         dicom = self.config.dicom
         log.info("appliance.starting", version=__version__, state_dir=self.config.state_dir)
-        await self._open_storage()
+        await self._open_stores()
         door = TrioDoor.current()
         storage_scp = StorageSCP(self.store, door, dicom.storage.min_free_mb * 1024 * 1024)
         self.storage_server = self._server(
@@ -91,8 +101,15 @@ class Appliance:
             STORAGE_CONTEXTS,
             storage_scp.handlers(),
         )
+        worklist_scp = WorklistSCP(
+            self.worklist, door, dicom.worklist, self.config.worklist.timezone
+        )
         self.worklist_server = self._server(
-            "worklist-scp", dicom.worklist.ae_title, dicom.worklist.port, [], []
+            "worklist-scp",
+            dicom.worklist.ae_title,
+            dicom.worklist.port,
+            WORKLIST_CONTEXTS,
+            worklist_scp.handlers(),
         )
         # An active transfer touches its spool file continuously; an idle association is aborted
         # after network_timeout_s. Anything much older belongs to an association that is gone.
@@ -102,6 +119,7 @@ class Appliance:
                 (self.storage_server, self.policy),
                 (self.worklist_server, self.policy),
                 (sweeper, self.policy),
+                (WorklistHousekeeper(self.worklist, self.config.worklist), self.policy),
             ],
             self.notifier,
             describe=self._describe,
@@ -109,8 +127,9 @@ class Appliance:
         try:
             await self.supervisor.run(task_status=task_status)
         finally:
-            # Servers have drained by now (their own shielded cleanup); the index closes last.
+            # Servers have drained by now (their own shielded cleanup); the stores close last.
             self.store.close()
+            self.worklist.close()
 
 
 async def _cancel_on_signal(

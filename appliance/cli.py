@@ -96,6 +96,96 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     return 0 if report.clean else 1
 
 
+def _worklist(args: argparse.Namespace):
+    from appliance.worklist.store import WorklistStore
+
+    config = _load(args)
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    store = WorklistStore(config.state_dir / "worklist.db")
+    store.open()
+    return config, store
+
+
+def _scheduled(text: str, zone_name: str):
+    """'2026-11-22 14:30' in the site's time zone, or with an explicit offset/Z."""
+    import datetime
+    import zoneinfo
+
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError([f"worklist add: --scheduled {text!r} is not a date and time"]) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zoneinfo.ZoneInfo(zone_name))
+    return moment.astimezone(datetime.UTC)
+
+
+def cmd_worklist_add(args: argparse.Namespace) -> int:
+    from appliance.worklist.store import WorklistError, WorklistItem
+
+    config, store = _worklist(args)
+    try:
+        item = WorklistItem(
+            accession_number=args.accession,
+            patient_id=args.patient_id,
+            patient_name=args.name,
+            patient_birth_date=args.birth_date.replace("-", ""),
+            patient_sex=args.sex,
+            scheduled_at=_scheduled(args.scheduled, config.worklist.timezone),
+            modality=args.modality,
+            study_description=args.description,
+        )
+        result, stored = store.create(item)
+    except WorklistError as exc:
+        print(f"worklist add: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(f"{result}: {stored.accession_number} study {stored.study_instance_uid}")
+    return 0
+
+
+def cmd_worklist_list(args: argparse.Namespace) -> int:
+    import zoneinfo
+
+    config, store = _worklist(args)
+    try:
+        items = store.items(include_finished=args.all)
+    finally:
+        store.close()
+    zone = zoneinfo.ZoneInfo(config.worklist.timezone)
+    if args.json:
+        for item in items:
+            print(json.dumps(config_module.converter.unstructure(item), default=str))
+        return 0
+    print(
+        f"{'accession':16} {'scheduled (' + config.worklist.timezone + ')':26} "
+        f"{'mod':4} {'status':12} {'patient id':12} name"
+    )
+    for item in items:
+        local = item.scheduled_at.astimezone(zone).strftime("%Y-%m-%d %H:%M")
+        print(
+            f"{item.accession_number:16} {local:26} {item.modality:4} {item.status:12} "
+            f"{item.patient_id:12} {item.patient_name}"
+        )
+    return 0
+
+
+def cmd_worklist_cancel(args: argparse.Namespace) -> int:
+    from appliance.worklist.store import CANCELLED, WorklistError
+
+    _config, store = _worklist(args)
+    try:
+        store.set_status(args.accession, CANCELLED)
+    except WorklistError as exc:
+        print(f"worklist cancel: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(f"cancelled: {args.accession}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     # `--config` may come before or after the sub-command: operators type both.
     common = argparse.ArgumentParser(add_help=False)
@@ -117,6 +207,26 @@ def _parser() -> argparse.ArgumentParser:
     config_cmd = command(commands, "config", "configuration tools")
     config_sub = config_cmd.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     command(config_sub, "check", "validate and print the effective config", cmd_config_check)
+    worklist = command(commands, "worklist", "the modality worklist")
+    worklist_sub = worklist.add_subparsers(dest="worklist_command", required=True, metavar="ACTION")
+    add = command(worklist_sub, "add", "schedule a participant", cmd_worklist_add)
+    add.add_argument("accession")
+    add.add_argument("patient_id", help="NHS number")
+    add.add_argument("name", help="DICOM person name, FAMILY^GIVEN")
+    add.add_argument("--birth-date", default="", help="YYYY-MM-DD")
+    add.add_argument("--sex", default="F", choices=["F", "M", "O", ""])
+    add.add_argument(
+        "--scheduled",
+        required=True,
+        help="'YYYY-MM-DD HH:MM' in the site's time zone (or with Z / an offset)",
+    )
+    add.add_argument("--modality", default="MG")
+    add.add_argument("--description", default="Screening mammography")
+    listing = command(worklist_sub, "list", "items offered to modalities", cmd_worklist_list)
+    listing.add_argument("--all", action="store_true", help="include finished items")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    cancel = command(worklist_sub, "cancel", "withdraw an item", cmd_worklist_cancel)
+    cancel.add_argument("accession")
     fsck = command(commands, "fsck", "reconcile stored files with the index, repairing", cmd_fsck)
     fsck.add_argument(
         "--verify-hashes", action="store_true", help="re-read every file and check its SHA-256"

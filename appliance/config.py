@@ -10,6 +10,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import zoneinfo
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -94,10 +95,50 @@ class StorageScpConfig:
     min_free_mb: int = field(default=2048, validator=_non_negative)
 
 
+def _character_set(_inst: object, attribute: attrs.Attribute, value: str) -> None:
+    from appliance.dicom.charsets import codecs_for  # the DICOM terms pydicom can encode
+
+    if not codecs_for(value):
+        raise FieldError(attribute, f"{value!r} is not a DICOM Specific Character Set we support")
+
+
+def _character_sets(_inst: object, attribute: attrs.Attribute, value: dict[str, str]) -> None:
+    for ae_title, term in value.items():
+        if not _AE_TITLE.match(ae_title):
+            raise FieldError(attribute, f'"{ae_title}" is not an AE title')
+        _character_set(_inst, attribute, term)
+
+
 @frozen
 class WorklistScpConfig:
     ae_title: str = field(default="SCREENING_MWL", validator=_ae_title)
     port: int = field(default=4243, validator=_port)
+    #: Answers are in this character set unless the query or the calling AE says otherwise.
+    character_set: str = field(default="ISO_IR 192", validator=_character_set)
+    #: Per calling AE title, for units that understand only one (e.g. "ISO_IR 100").
+    character_sets: dict[str, str] = field(factory=dict, validator=_character_sets)
+
+
+def _time_zone(_inst: object, attribute: attrs.Attribute, value: str) -> None:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise FieldError(attribute, f"{value!r} is not a time zone (e.g. Europe/London)") from None
+
+
+def _local_time(_inst: object, attribute: attrs.Attribute, value: str) -> None:
+    if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
+        raise FieldError(attribute, f"{value!r} is not a time of day (HH:MM)")
+
+
+@frozen
+class WorklistConfig:
+    #: The site's time zone: the cloud schedules in UTC, modalities show and query local time.
+    timezone: str = field(default="Europe/London", validator=_time_zone)
+    #: Daily housekeeping, local time: finished items of past days are archived.
+    archive_at: str = field(default="02:00", validator=_local_time)
+    #: Items still SCHEDULED/IN PROGRESS this many days after their date are archived as stale.
+    stale_after_days: int = field(default=7, validator=_positive)
 
 
 @frozen
@@ -144,6 +185,7 @@ class RelayConfig:
 class Config:
     state_dir: Path = Path("/var/lib/screening-gateway")
     dicom: DicomConfig = DicomConfig()
+    worklist: WorklistConfig = WorklistConfig()
     log: LogConfig = LogConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     relay: RelayConfig = RelayConfig()

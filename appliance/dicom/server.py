@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
+from pydicom import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -24,6 +25,16 @@ from appliance.log import get_logger
 log = get_logger("dicom")
 
 Handler = tuple[evt.EventType, Callable[..., Any]]
+
+
+def status(code: int, comment: str, error_id: int | None = None) -> Dataset:
+    """A response status with its Error Comment (and Error ID where the standard names one)."""
+    response = Dataset()
+    response.Status = code
+    response.ErrorComment = comment[:64]  # LO
+    if error_id is not None:
+        response.ErrorID = error_id
+    return response
 
 
 class ApplianceStopping(Exception):

@@ -29,7 +29,7 @@ from pydicom.uid import (
 from pynetdicom import AllStoragePresentationContexts, evt
 
 from appliance.dicom._pynetdicom import received_spool_file
-from appliance.dicom.server import ApplianceStopping, Handler, TrioDoor
+from appliance.dicom.server import ApplianceStopping, Handler, TrioDoor, status
 from appliance.log import get_logger
 from appliance.storage.store import (
     DUPLICATE_CONFLICT,
@@ -65,13 +65,6 @@ TRANSFER_SYNTAXES = [
 STORAGE_CONTEXTS = [
     (cx.abstract_syntax, TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts
 ]
-
-
-def status(code: int, comment: str) -> Dataset:
-    response = Dataset()
-    response.Status = code
-    response.ErrorComment = comment[:64]  # LO
-    return response
 
 
 class StorageSCP:

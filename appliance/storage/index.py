@@ -13,6 +13,8 @@ from pathlib import Path
 import attrs
 from attrs import frozen
 
+from appliance.db import connect
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS stored_instances (
     sop_instance_uid    TEXT PRIMARY KEY,
@@ -79,16 +81,6 @@ class StoredInstance:
 
 
 _COLUMNS = [a.name for a in attrs.fields(StoredInstance)]
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    connection.execute("PRAGMA journal_mode=WAL")
-    # FULL: a commit is on disk when it returns; Success to the modality depends on it.
-    connection.execute("PRAGMA synchronous=FULL")
-    connection.execute("PRAGMA busy_timeout=10000")
-    connection.row_factory = sqlite3.Row
-    return connection
 
 
 class Index:

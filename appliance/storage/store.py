@@ -12,6 +12,7 @@ import enum
 import os
 import shutil
 import struct
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pydicom
@@ -20,6 +21,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import data_element_generator
 from pydicom.uid import UID
 
+from appliance.db import SerialWriter
 from appliance.log import get_logger
 from appliance.storage.index import Index, StoredInstance
 from appliance.storage.layout import StorageLayout, file_sha256, place
@@ -181,10 +183,12 @@ class InstanceStore:
         self,
         layout: StorageLayout,
         stored: trio.MemorySendChannel[StoredInstance] | None = None,
+        on_stored: Callable[[StoredInstance], Awaitable[None]] | None = None,
     ) -> None:
         self.layout = layout
         self._stored = stored
-        self._writer = trio.CapacityLimiter(1)
+        self._on_stored = on_stored
+        self._write = SerialWriter()
         self._index: Index | None = None
 
     @property
@@ -207,9 +211,12 @@ class InstanceStore:
 
     async def commit(self, spooled: Path, instance: StoredInstance) -> Outcome:
         """Place a hashed and fsynced spool file and index it; durable when this returns."""
-        outcome = await trio.to_thread.run_sync(
-            self.commit_sync, spooled, instance, limiter=self._writer
-        )
+        outcome = await self._write(self.commit_sync, spooled, instance)
+        if outcome is Outcome.STORED and self._on_stored is not None:
+            try:
+                await self._on_stored(instance)
+            except Exception:  # the image is safe; a follow-up failing must not fail the store
+                log.exception("instance.follow_up_failed", phase="on-stored")
         if outcome is Outcome.STORED and self._stored is not None:
             try:
                 self._stored.send_nowait(instance)

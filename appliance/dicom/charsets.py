@@ -1,0 +1,79 @@
+"""Answering in the character set a modality understands.
+
+Text is kept as Unicode; each answer is encoded in the character set chosen for it. A value
+that the set cannot carry is transliterated (accents dropped: ZOË -> ZOE) and anything still
+unrepresentable is replaced by a visible '?', never sent as bytes of another character set.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+from pydicom import Dataset
+from pydicom.charset import python_encoding
+from pydicom.dataelem import DataElement
+from pydicom.multival import MultiValue
+
+TEXT_VRS = {"PN", "LO", "SH", "ST", "LT", "UC", "UT"}
+
+
+def codecs_for(term: str) -> list[str]:
+    """Python codecs for a Specific Character Set value ('ISO_IR 100', '\\ISO 2022 IR 87');
+    empty if any part is unknown."""
+    codecs = []
+    for part in term.split("\\"):
+        part = part.strip()
+        if not part:
+            codecs.append("ascii")  # the default repertoire, ISO-IR 6
+        elif part in python_encoding:
+            codecs.append(python_encoding[part])
+        else:
+            return []
+    return codecs
+
+
+def _encodes(text: str, codec: str) -> bool:
+    try:
+        text.encode(codec)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def fit(text: str, codecs: list[str]) -> str:
+    if any(_encodes(text, codec) for codec in codecs):
+        return text
+    folded = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return "".join(c if any(_encodes(c, codec) for codec in codecs) else "?" for c in folded)
+
+
+def encode_for(answer: Dataset, term: str) -> Dataset:
+    """`answer` with Specific Character Set `term` and every text value fitted to it. Elements
+    are replaced, not changed in place: the answer shares them with cached records."""
+    codecs = codecs_for(term)
+    fitted = Dataset()
+    fitted.SpecificCharacterSet = term.split("\\") if "\\" in term else term
+    _fit_into(answer, fitted, codecs)
+    return fitted
+
+
+def _fit_into(source: Dataset, target: Dataset, codecs: list[str]) -> None:
+    for element in source:
+        if element.tag == 0x00080005:
+            continue
+        if element.VR == "SQ":
+            items = []
+            for item in element.value:
+                copy = Dataset()
+                _fit_into(item, copy, codecs)
+                items.append(copy)
+            target.add_new(element.tag, "SQ", items)
+        elif element.VR in TEXT_VRS and element.value:
+            value = element.value
+            if isinstance(value, MultiValue):
+                fitted = [fit(str(v), codecs) for v in value]
+            else:
+                fitted = fit(str(value), codecs)
+            target.add(DataElement(element.tag, element.VR, fitted))
+        else:
+            target.add(element)

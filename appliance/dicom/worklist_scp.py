@@ -1,0 +1,266 @@
+"""Modality Worklist C-FIND and MPPS N-CREATE/N-SET handlers (port 4243).
+
+C-FIND narrows candidates with the indexed keys in SQL, then applies the full PS3.4 matching
+rules to each item's DICOM record (in the site's time zone) and answers exactly the requested
+keys in the character set the modality understands. MPPS requests go through the Trio door to
+the worklist store, whose one writer applies the transition rules.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+import zoneinfo
+from collections.abc import Iterator
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import evt
+from pynetdicom.sop_class import ModalityPerformedProcedureStep, ModalityWorklistInformationFind
+
+from appliance.config import WorklistScpConfig
+from appliance.dicom import matching
+from appliance.dicom.charsets import codecs_for, encode_for
+from appliance.dicom.server import ApplianceStopping, Handler, TrioDoor, status
+from appliance.log import get_logger
+from appliance.worklist.store import (
+    IN_PROGRESS,
+    MISSING_ATTRIBUTE,
+    NO_LONGER_UPDATABLE,
+    UID_ROOT,
+    MppsError,
+    WorklistItem,
+    WorklistStore,
+)
+
+log = get_logger("worklist-scp")
+
+_UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"]
+WORKLIST_CONTEXTS = [
+    (ModalityWorklistInformationFind, _UNCOMPRESSED),
+    (ModalityPerformedProcedureStep, _UNCOMPRESSED),
+]
+
+PENDING = 0xFF00
+CANCELLED = 0xFE00
+IDENTIFIER_MISMATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+_SPS = 0x00400100  # Scheduled Procedure Step Sequence
+#: Type 1 return keys of the worklist (PS3.4 K.6): an item lacking one is not offered.
+_REQUIRED = ("PatientName", "PatientID", "StudyInstanceUID", "RequestedProcedureID")
+_REQUIRED_STEP = ("Modality", "ScheduledProcedureStepID", "ScheduledProcedureStepStartDate")
+
+
+def record(item: WorklistItem, zone: zoneinfo.ZoneInfo) -> Dataset:
+    """The item as a full worklist record, scheduled time in the site's time zone."""
+    local = item.scheduled_at.astimezone(zone)
+    step = Dataset()
+    step.Modality = item.modality
+    step.ScheduledStationAETitle = item.scheduled_station_ae
+    step.ScheduledStationName = item.scheduled_station_name
+    step.ScheduledProcedureStepStartDate = local.strftime("%Y%m%d")
+    step.ScheduledProcedureStepStartTime = local.strftime("%H%M%S")
+    step.ScheduledProcedureStepDescription = item.study_description
+    step.ScheduledProcedureStepID = item.accession_number
+    step.ScheduledPerformingPhysicianName = ""
+    step.ScheduledProcedureStepStatus = "STARTED" if item.status == IN_PROGRESS else "SCHEDULED"
+    codes = []
+    if item.procedure_code_value:
+        code = Dataset()
+        code.CodeValue = item.procedure_code_value
+        code.CodingSchemeDesignator = item.procedure_code_scheme
+        code.CodeMeaning = item.procedure_code_meaning
+        codes.append(code)
+    step.ScheduledProtocolCodeSequence = codes
+
+    ds = Dataset()
+    ds.AccessionNumber = item.accession_number
+    ds.ReferringPhysicianName = ""
+    ds.PatientName = item.patient_name
+    ds.PatientID = item.patient_id
+    ds.IssuerOfPatientID = "NHS" if item.patient_id.isdigit() and len(item.patient_id) == 10 else ""
+    ds.PatientBirthDate = item.patient_birth_date
+    ds.PatientSex = item.patient_sex
+    ds.StudyInstanceUID = item.study_instance_uid
+    ds.RequestedProcedureID = item.accession_number
+    ds.RequestedProcedureDescription = item.study_description
+    ds.RequestedProcedureCodeSequence = [Dataset(c) for c in codes]
+    ds.ScheduledProcedureStepSequence = [step]
+    return ds
+
+
+def _is_valid(ds: Dataset) -> bool:
+    step = ds.ScheduledProcedureStepSequence[0]
+    return all(ds.get(k) for k in _REQUIRED) and all(step.get(k) for k in _REQUIRED_STEP)
+
+
+def _single(query: Dataset, keyword: str) -> str | None:
+    """A key's value when it can narrow the SQL query: one value, no wildcards."""
+    value = query.get(keyword)
+    if value is None or value == "" or not isinstance(value, str):
+        return None
+    return None if any(c in value for c in "*?\\") else value
+
+
+class WorklistSCP:
+    def __init__(
+        self, store: WorklistStore, door: TrioDoor, config: WorklistScpConfig, zone: str
+    ) -> None:
+        self._store = store
+        self._door = door
+        self._config = config
+        self._zone = zoneinfo.ZoneInfo(zone)
+        self._records: dict[tuple[str, str], Dataset | None] = {}
+
+    def handlers(self) -> list[Handler]:
+        return [
+            (evt.EVT_C_FIND, self.handle_find),
+            (evt.EVT_N_CREATE, self.handle_n_create),
+            (evt.EVT_N_SET, self.handle_n_set),
+        ]
+
+    # --- C-FIND -----------------------------------------------------------------------------------
+
+    def _record(self, item: WorklistItem) -> Dataset | None:
+        key = (item.accession_number, item.updated_at)
+        if key not in self._records:
+            ds = record(item, self._zone)
+            if not _is_valid(ds):
+                log.warning("worklist.item_invalid", accession_number=item.accession_number)
+                ds = None
+            if len(self._records) > 50_000:
+                self._records.clear()
+            self._records[key] = ds
+        return self._records[key]
+
+    def _candidates(self, query: Dataset) -> list[WorklistItem]:
+        step = query.get("ScheduledProcedureStepSequence")
+        step = step[0] if step else Dataset()
+        start_date = str(step.get("ScheduledProcedureStepStartDate") or "")
+        start_time = str(step.get("ScheduledProcedureStepStartTime") or "")
+        lower = upper = None
+        if start_date:
+            low, high = matching.datetime_bounds(
+                start_date, start_time, "ScheduledProcedureStepStartDate"
+            )
+            margin = datetime.timedelta(hours=1)  # DST folds; exact matching follows in Python
+            if low != datetime.datetime.min:
+                lower = low.replace(tzinfo=self._zone) - margin
+            if high != datetime.datetime.max:
+                upper = high.replace(tzinfo=self._zone) + margin
+        return self._store.offered(
+            scheduled_from=lower,
+            scheduled_to=upper,
+            modality=_single(step, "Modality"),
+            patient_id=_single(query, "PatientID"),
+            accession_number=_single(query, "AccessionNumber"),
+        )
+
+    def _character_set(self, query: Dataset, calling_ae: str) -> str:
+        configured = self._config.character_sets.get(calling_ae.strip())
+        if configured:
+            return configured
+        asked = query.get("SpecificCharacterSet")
+        if asked:
+            term = "\\".join(asked) if not isinstance(asked, str) else asked
+            if codecs_for(term):
+                return term
+        return self._config.character_set
+
+    def handle_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        started = time.perf_counter()
+        calling_ae = event.assoc.requestor.ae_title
+        try:
+            query = event.identifier
+        except Exception as exc:
+            log.warning("worklist.query_rejected", phase="decode", calling_ae=calling_ae)
+            yield status(UNABLE_TO_PROCESS, f"Cannot decode identifier: {exc}"), None
+            return
+        answered = 0
+        try:
+            term = self._character_set(query, calling_ae)
+            for item in self._candidates(query):
+                if event.is_cancelled:
+                    log.info("worklist.query_cancelled", calling_ae=calling_ae, answered=answered)
+                    yield CANCELLED, None
+                    return
+                full = self._record(item)
+                if full is not None and matching.matches(query, full):
+                    answered += 1
+                    yield PENDING, encode_for(matching.project(query, full), term)
+        except matching.InvalidQuery as exc:
+            log.warning("worklist.query_rejected", phase="match", reason=str(exc))
+            yield status(IDENTIFIER_MISMATCH, str(exc)), None
+            return
+        except Exception:
+            log.exception("worklist.query_failed", phase="match", calling_ae=calling_ae)
+            yield status(UNABLE_TO_PROCESS, "Internal error while matching"), None
+            return
+        log.info(
+            "worklist.query",
+            calling_ae=calling_ae,
+            keys=" ".join(e.keyword or str(e.tag) for e in query if not matching.is_empty(e)),
+            matches=answered,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+
+    # --- MPPS -------------------------------------------------------------------------------------
+
+    def _apply(self, operation: str, function: Any, *args: Any) -> tuple[Any, int | Dataset]:
+        try:
+            outcome = self._door.run(self._store.write, function, *args)
+        except MppsError as exc:
+            log.warning("mpps.refused", phase=operation, reason=exc.reason, status=hex(exc.status))
+            error_id = 0xA710 if exc.status == NO_LONGER_UPDATABLE else None
+            return None, status(exc.status, exc.reason, error_id)
+        except ApplianceStopping:
+            return None, status(0x0110, "Gateway is restarting; send again")
+        except Exception:
+            log.exception("mpps.failed", phase=operation)
+            return None, status(0x0110, "Internal error")
+        return outcome, 0x0000
+
+    def handle_n_create(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
+        attributes = event.attribute_list
+        steps = attributes.get("ScheduledStepAttributesSequence")
+        if not steps:
+            return status(MISSING_ATTRIBUTE, "Scheduled Step Attributes Sequence missing"), None
+        uid = event.request.AffectedSOPInstanceUID or generate_uid(UID_ROOT)
+        step = steps[0]
+        outcome, result = self._apply(
+            "n-create",
+            self._store.mpps_create,
+            str(uid),
+            attributes.to_json_dict(),
+            str(step.get("AccessionNumber") or "") or None,
+            str(step.get("ScheduledProcedureStepID") or "") or None,
+        )
+        if outcome is None:
+            return result, None
+        log.info(
+            "mpps.created",
+            mpps_instance_uid=uid,
+            accession_number=outcome.accession_number,
+            replay=outcome.replay,
+        )
+        if not event.request.AffectedSOPInstanceUID:
+            attributes.AffectedSOPInstanceUID = uid  # pynetdicom moves it into the response
+        return result, attributes
+
+    def handle_n_set(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
+        uid = str(event.request.RequestedSOPInstanceUID)
+        modifications = event.modification_list
+        outcome, result = self._apply(
+            "n-set", self._store.mpps_set, uid, modifications.to_json_dict()
+        )
+        if outcome is None:
+            return result, None
+        log.info(
+            "mpps.updated",
+            mpps_instance_uid=uid,
+            status=outcome.status,
+            accession_number=outcome.accession_number,
+            replay=outcome.replay,
+        )
+        return result, modifications
