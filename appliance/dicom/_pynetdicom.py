@@ -29,6 +29,9 @@ def configure(spool_dir: Path) -> None:
     # pynetdicom's standard event logging narrates every PDU and dumps identifiers (patient
     # data); the appliance logs its own one-line events instead.
     _config.LOG_HANDLER_LEVEL = "none"
+    # Otherwise every C-FIND identifier is decoded (and answers pretty-printed) just for logging.
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
 
     def spool_file(*, delete: bool, mode: str, suffix: str) -> SpoolFile:
         return SpoolFile(spool_dir, SPOOL_PREFIX, suffix)
