@@ -8,12 +8,16 @@ from __future__ import annotations
 import datetime
 import subprocess
 import warnings
+from io import BytesIO
 from pathlib import Path
+from types import SimpleNamespace
 
 import pydicom
 import pytest
 from pydicom import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.dsutils import decode
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
 from appliance.config import WorklistScpConfig
@@ -355,6 +359,8 @@ class CancellingEvent:
     def __init__(self, identifier: Dataset, after: int) -> None:
         self.identifier = identifier
         self.assoc = _Association()
+        # A deflated context: answers are yielded to pynetdicom rather than written directly.
+        self.context = SimpleNamespace(context_id=1, transfer_syntax=DeflatedExplicitVRLittleEndian)
         self.after = after
         self.answered = 0
 
@@ -375,3 +381,53 @@ def test_c_cancel_stops_the_answers_at_once(tmp_path):
     uncancelled = CancellingEvent(query(), after=len(POPULATION) + 1)
     assert [status for status, _ in scp.handle_find(uncancelled)] == [0xFF00] * len(POPULATION)
     store.close()
+
+
+EQUIVALENCE_QUERIES = [
+    query(),
+    query(PatientName="", PatientWeight="", step={"Modality": ""}),
+    query(
+        PatientName="*",
+        PatientID="",
+        StudyInstanceUID="",
+        RequestedProcedureCodeSequence=[],
+        step={
+            "ScheduledProcedureStepStartDate": "20261122-",
+            "ScheduledStationAETitle": "",
+            "ScheduledProtocolCodeSequence": [],
+            "ScheduledProcedureStepID": "",
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize("term", ["ISO_IR 192", "ISO_IR 100"])
+@pytest.mark.parametrize("implicit", [True, False])
+def test_byte_answers_decode_to_exactly_the_dataset_answers(term, implicit):
+    import zoneinfo
+
+    from appliance.dicom import encoded, matching
+    from appliance.dicom.charsets import encode_for
+    from appliance.dicom.worklist_scp import record
+
+    zone = zoneinfo.ZoneInfo("Europe/London")
+    for identifier in EQUIVALENCE_QUERIES:
+        assert encoded.expressible(identifier)
+        for item in POPULATION:
+            full = record(item, zone)
+            if not matching.matches(identifier, full):
+                continue
+            expected = encode_for(matching.project(identifier, full), term)
+            as_bytes = encoded.project(
+                identifier, encoded.EncodedRecord(encode_for(full, term), term, implicit)
+            )
+            assert decode(BytesIO(as_bytes), implicit, True) == expected
+
+
+def test_nested_sequence_templates_take_the_dataset_path():
+    from appliance.dicom import encoded
+
+    code = Dataset()
+    code.CodeValue = "MAMMO"
+    nested = query(step={"ScheduledProtocolCodeSequence": [code]})
+    assert not encoded.expressible(nested)

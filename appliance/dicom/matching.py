@@ -184,7 +184,7 @@ def _match_value(element: DataElement, record_value: object) -> bool:
 # --- datasets -------------------------------------------------------------------------------------
 
 
-def _keys(query: Dataset) -> Iterator[DataElement]:
+def keys(query: Dataset) -> Iterator[DataElement]:
     for element in query:
         if element.tag in NOT_MATCHED or element.tag.element == 0:
             continue
@@ -192,7 +192,7 @@ def _keys(query: Dataset) -> Iterator[DataElement]:
 
 
 def matches(query: Dataset, record: Dataset) -> bool:
-    for element in _keys(query):
+    for element in keys(query):
         tag = element.tag
         if tag in DATE_TIME_PAIRS:
             if not _match_date_time(query, record, tag):
@@ -243,14 +243,14 @@ def _match_sequence(element: DataElement, record_element: DataElement | None) ->
     item = element.value[0]
     record_items = record_element.value if record_element is not None else []
     if not record_items:
-        return all(is_empty(e) for e in _keys(item))
+        return all(is_empty(e) for e in keys(item))
     return any(matches(item, record_item) for record_item in record_items)
 
 
 def project(query: Dataset, record: Dataset) -> Dataset:
     """The answer: every key the query carries, with the record's value or empty."""
     answer = Dataset()
-    for element in _keys(query):
+    for element in keys(query):
         tag = element.tag
         have = record.get(tag)
         if element.VR == "SQ":

@@ -15,12 +15,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from pydicom import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from pynetdicom import evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStep, ModalityWorklistInformationFind
 
 from appliance.config import WorklistScpConfig
-from appliance.dicom import matching
+from appliance.dicom import encoded, matching
+from appliance.dicom._pynetdicom import PendingFindWriter
 from appliance.dicom.charsets import codecs_for, encode_for
 from appliance.dicom.server import ApplianceStopping, Handler, TrioDoor, status
 from appliance.log import get_logger
@@ -65,14 +66,13 @@ def record(item: WorklistItem, zone: zoneinfo.ZoneInfo) -> Dataset:
     step.ScheduledProcedureStepID = item.accession_number
     step.ScheduledPerformingPhysicianName = ""
     step.ScheduledProcedureStepStatus = "STARTED" if item.status == IN_PROGRESS else "SCHEDULED"
-    codes = []
-    if item.procedure_code_value:
+    code = None
+    if item.procedure_code_value:  # 1C: present only with a complete code
         code = Dataset()
         code.CodeValue = item.procedure_code_value
         code.CodingSchemeDesignator = item.procedure_code_scheme
         code.CodeMeaning = item.procedure_code_meaning
-        codes.append(code)
-    step.ScheduledProtocolCodeSequence = codes
+        step.ScheduledProtocolCodeSequence = [code]
 
     ds = Dataset()
     ds.AccessionNumber = item.accession_number
@@ -85,8 +85,12 @@ def record(item: WorklistItem, zone: zoneinfo.ZoneInfo) -> Dataset:
     ds.StudyInstanceUID = item.study_instance_uid
     ds.RequestedProcedureID = item.accession_number
     ds.RequestedProcedureDescription = item.study_description
-    ds.RequestedProcedureCodeSequence = [Dataset(c) for c in codes]
+    if code is not None:
+        ds.RequestedProcedureCodeSequence = [Dataset(code)]
     ds.ScheduledProcedureStepSequence = [step]
+    # Type 2 return keys (PS3.4 K.6): present, empty; strict SCUs reject records without them.
+    ds.ReferencedStudySequence = []
+    ds.ReferencedPatientSequence = []
     return ds
 
 
@@ -112,6 +116,7 @@ class WorklistSCP:
         self._config = config
         self._zone = zoneinfo.ZoneInfo(zone)
         self._records: dict[tuple[str, str], Dataset | None] = {}
+        self._encoded: dict[tuple[str, str, str, bool], encoded.EncodedRecord] = {}
 
     def handlers(self) -> list[Handler]:
         return [
@@ -134,6 +139,19 @@ class WorklistSCP:
             self._records[key] = ds
         return self._records[key]
 
+    def _encoded_record(
+        self, item: WorklistItem, full: Dataset, term: str, implicit: bool
+    ) -> encoded.EncodedRecord:
+        key = (item.accession_number, item.updated_at, term, implicit)
+        found = self._encoded.get(key)
+        if found is None:
+            if len(self._encoded) > 50_000:
+                self._encoded.clear()
+            found = self._encoded[key] = encoded.EncodedRecord(
+                encode_for(full, term), term, implicit
+            )
+        return found
+
     def _candidates(self, query: Dataset) -> list[WorklistItem]:
         step = query.get("ScheduledProcedureStepSequence")
         step = step[0] if step else Dataset()
@@ -149,13 +167,15 @@ class WorklistSCP:
                 lower = low.replace(tzinfo=self._zone) - margin
             if high != datetime.datetime.max:
                 upper = high.replace(tzinfo=self._zone) + margin
-        return self._store.offered(
-            scheduled_from=lower,
-            scheduled_to=upper,
-            modality=_single(step, "Modality"),
-            patient_id=_single(query, "PatientID"),
-            accession_number=_single(query, "AccessionNumber"),
-        )
+        narrowed = {
+            "scheduled_from": lower,
+            "scheduled_to": upper,
+            "modality": _single(step, "Modality"),
+            "patient_id": _single(query, "PatientID"),
+            "accession_number": _single(query, "AccessionNumber"),
+        }
+        log.debug("worklist.narrowed", **{k: repr(v) for k, v in narrowed.items()})
+        return self._store.offered(**narrowed)
 
     def _character_set(self, query: Dataset, calling_ae: str) -> str:
         configured = self._config.character_sets.get(calling_ae.strip())
@@ -180,14 +200,28 @@ class WorklistSCP:
         answered = 0
         try:
             term = self._character_set(query, calling_ae)
-            for item in self._candidates(query):
+            candidates = self._candidates(query)
+            log.debug("worklist.candidates", calling_ae=calling_ae, count=len(candidates))
+            syntax = event.context.transfer_syntax
+            # All answers of a query take one path: written directly, or yielded to pynetdicom.
+            writer = None
+            if PendingFindWriter.supports(syntax) and encoded.expressible(query):
+                writer = PendingFindWriter(event)
+            implicit = syntax == ImplicitVRLittleEndian
+            for item in candidates:
                 if event.is_cancelled:
                     log.info("worklist.query_cancelled", calling_ae=calling_ae, answered=answered)
                     yield CANCELLED, None
                     return
                 full = self._record(item)
-                if full is not None and matching.matches(query, full):
-                    answered += 1
+                if full is None or not matching.matches(query, full):
+                    continue
+                answered += 1
+                if writer is not None:
+                    writer.send(
+                        encoded.project(query, self._encoded_record(item, full, term, implicit))
+                    )
+                else:
                     yield PENDING, encode_for(matching.project(query, full), term)
         except matching.InvalidQuery as exc:
             log.warning("worklist.query_rejected", phase="match", reason=str(exc))
