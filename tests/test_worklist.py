@@ -329,16 +329,22 @@ def test_character_set_per_calling_ae_replaces_what_it_cannot_carry(tmp_path):
         tmp_path / "state",
         [
             WorklistItem("ACC-L", "9990000010", "ŁUKASZ^ZOË", at("2026-11-22T10:00")),
+            WorklistItem("ACC-J", "9990000011", "山田^太郎", at("2026-11-22T11:00")),
         ],
     ).close()
-    override = {"dicom": {"worklist": {"character_sets": {"OLDUNIT": "ISO_IR 100"}}}}
+    units = {"OLDUNIT": "ISO_IR 100", "JPUNIT": "\\ISO 2022 IR 87"}
+    override = {"dicom": {"worklist": {"character_sets": units}}}
     with ApplianceProcess(write_config(tmp_path, override)) as app:
-        _, [answer] = find(app.ports["worklist"], query(PatientName=""), calling="OLDUNIT")
+        port = app.ports["worklist"]
+        _, [answer] = find(port, query(PatientName="", PatientID="9990000010"), calling="OLDUNIT")
         assert answer.SpecificCharacterSet == "ISO_IR 100"
         # Ë folds to E; Ł has no Latin-1 form and is replaced visibly, not mis-encoded.
         assert str(answer.PatientName) == "?UKASZ^ZOE"
-        _, [modern] = find(app.ports["worklist"], query(PatientName=""), calling="NEWUNIT")
+        _, [modern] = find(port, query(PatientName="", PatientID="9990000010"), calling="NEWUNIT")
         assert str(modern.PatientName) == "ŁUKASZ^ZOË"
+        _, [japanese] = find(port, query(PatientName="", PatientID="9990000011"), calling="JPUNIT")
+        assert list(japanese.SpecificCharacterSet) == ["", "ISO 2022 IR 87"]
+        assert str(japanese.PatientName) == "山田^太郎"
 
 
 class _Requestor:
