@@ -16,6 +16,7 @@ from appliance.dicom.server import DicomServer, TrioDoor
 from appliance.dicom.storage_scp import STORAGE_CONTEXTS, StorageSCP
 from appliance.dicom.worklist_scp import WORKLIST_CONTEXTS, WorklistSCP
 from appliance.log import get_logger
+from appliance.pipeline.service import ImagePipeline
 from appliance.sdnotify import Notifier
 from appliance.storage.index import StoredInstance
 from appliance.storage.layout import StorageLayout, ensure_directory
@@ -53,6 +54,9 @@ class Appliance:
         send, self.stored_instances = trio.open_memory_channel[StoredInstance](PIPELINE_NOTICES)
         self.worklist = WorklistStore(config.state_dir / "worklist.db")
         self.store = InstanceStore(self.layout, stored=send, on_stored=self._image_stored)
+        self.pipeline = ImagePipeline(
+            self.store, self.worklist, self.stored_instances, config.pipeline
+        )
         self.storage_server: DicomServer | None = None
         self.worklist_server: DicomServer | None = None
         self.supervisor: Supervisor | None = None
@@ -120,6 +124,7 @@ class Appliance:
                 (self.worklist_server, self.policy),
                 (sweeper, self.policy),
                 (WorklistHousekeeper(self.worklist, self.config.worklist), self.policy),
+                (self.pipeline, self.policy),
             ],
             self.notifier,
             describe=self._describe,

@@ -156,6 +156,19 @@ class DicomConfig:
 
 
 @frozen
+class PipelineConfig:
+    thumbnail_height: int = field(default=188, validator=_positive)
+    thumbnail_quality: int = field(default=25, validator=_positive)
+    preview_height: int = field(default=1024, validator=_positive)
+    preview_quality: int = field(default=80, validator=_positive)
+    #: Thumbnail workers; 0 means one per CPU core.
+    workers: int = field(default=0, validator=_non_negative)
+    #: Attempts before an instance is reported as image.failed.
+    max_attempts: int = field(default=3, validator=_positive)
+    retry_after_s: float = field(default=30.0, validator=_positive)
+
+
+@frozen
 class LogConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["logfmt", "json"] = "logfmt"
@@ -186,6 +199,7 @@ class Config:
     state_dir: Path = Path("/var/lib/screening-gateway")
     dicom: DicomConfig = DicomConfig()
     worklist: WorklistConfig = WorklistConfig()
+    pipeline: PipelineConfig = PipelineConfig()
     log: LogConfig = LogConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     relay: RelayConfig = RelayConfig()

@@ -7,10 +7,8 @@ import sys
 
 import pydicom
 import pytest
-import trio
 
-from appliance import config, synthetic
-from appliance.app import Appliance
+from appliance import synthetic
 from appliance.storage.layout import StorageLayout
 from tests.support import ApplianceProcess, index_rows, send_files, write_config
 
@@ -88,22 +86,3 @@ def test_fsck_verifies_hashes_flags_corruption_and_shows_progress(tmp_path):
     statuses = {row["sop_instance_uid"]: row["status"] for row in index_rows(state)}
     assert statuses[paths[1][1]] == "CORRUPT"
     assert [statuses[uid] for _, uid in (paths[0], paths[2])] == ["STORED", "STORED"]
-
-
-async def test_each_stored_instance_is_handed_to_the_pipeline_channel(tmp_path):
-    loaded = config.load(write_config(tmp_path), environ={})
-    appliance = Appliance(loaded)
-    path, sop_uid = image(tmp_path, "x.dcm")
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(appliance.run)
-            port = appliance.storage_server.bound_port
-            [response] = await trio.to_thread.run_sync(send_files, port, [path])
-            assert response.Status == 0x0000
-            notice = await appliance.stored_instances.receive()
-            assert notice.sop_instance_uid == sop_uid
-            # A duplicate is not news for the pipeline.
-            await trio.to_thread.run_sync(send_files, port, [path])
-            with pytest.raises(trio.WouldBlock):
-                appliance.stored_instances.receive_nowait()
-            nursery.cancel_scope.cancel()

@@ -13,9 +13,22 @@ from pathlib import Path
 import attrs
 from attrs import frozen
 
+from appliance import events
 from appliance.db import connect
 
-SCHEMA = """
+#: Columns added after the first release: (name, declaration); added in place when missing.
+PIPELINE_COLUMNS = [
+    ("pipeline_state", "TEXT NOT NULL DEFAULT 'PENDING'"),  # PENDING, DONE, FAILED
+    ("pipeline_attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("pipeline_next_at", "TEXT"),  # UTC; a failed attempt is retried after this
+    ("pipeline_error", "TEXT"),
+    ("thumbnail_path", "TEXT"),  # relative to derived/
+    ("preview_path", "TEXT"),
+]
+
+SCHEMA = (
+    events.SCHEMA
+    + """
 CREATE TABLE IF NOT EXISTS stored_instances (
     sop_instance_uid    TEXT PRIMARY KEY,
     storage_path        TEXT NOT NULL UNIQUE,
@@ -53,6 +66,7 @@ CREATE TABLE IF NOT EXISTS instance_conflicts (
     created_at       TEXT NOT NULL
 );
 """
+)
 
 
 @frozen
@@ -78,6 +92,12 @@ class StoredInstance:
     source_aet: str | None = None
     source_address: str | None = None
     status: str = "STORED"
+    pipeline_state: str = "PENDING"
+    pipeline_attempts: int = 0
+    pipeline_next_at: str | None = None
+    pipeline_error: str | None = None
+    thumbnail_path: str | None = None
+    preview_path: str | None = None
 
 
 _COLUMNS = [a.name for a in attrs.fields(StoredInstance)]
@@ -87,6 +107,14 @@ class Index:
     def __init__(self, path: Path) -> None:
         self._db = connect(path)
         self._db.executescript(SCHEMA)
+        present = {row["name"] for row in self._db.execute("PRAGMA table_info(stored_instances)")}
+        for name, declaration in PIPELINE_COLUMNS:
+            if name not in present:
+                self._db.execute(f"ALTER TABLE stored_instances ADD COLUMN {name} {declaration}")
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS stored_instances_pipeline"
+            " ON stored_instances (pipeline_state, pipeline_next_at)"
+        )
 
     def close(self) -> None:
         self._db.close()
@@ -136,6 +164,62 @@ class Index:
 
     def conflicts(self) -> list[sqlite3.Row]:
         return self._db.execute("SELECT * FROM instance_conflicts ORDER BY id").fetchall()
+
+    # --- image pipeline ---------------------------------------------------------------------------
+
+    def pending(self, now: str, limit: int) -> list[StoredInstance]:
+        """Instances whose processing is not recorded as done, oldest first, due by `now`."""
+        rows = self._db.execute(
+            "SELECT * FROM stored_instances WHERE pipeline_state = 'PENDING' AND status = 'STORED'"
+            " AND (pipeline_next_at IS NULL OR pipeline_next_at <= ?)"
+            " ORDER BY created_at LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        return [StoredInstance(**dict(row)) for row in rows]
+
+    def finish(
+        self,
+        instance: StoredInstance,
+        state: str,
+        event_type: str,
+        payload: dict,
+        source_message_id: str | None,
+        *,
+        thumbnail_path: str | None = None,
+        preview_path: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Record the pipeline's outcome and its event in one transaction: exactly once."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            updated = self._db.execute(
+                "UPDATE stored_instances SET pipeline_state = ?, thumbnail_path = ?,"
+                " preview_path = ?, pipeline_error = ?, pipeline_attempts = pipeline_attempts + 1"
+                " WHERE sop_instance_uid = ? AND pipeline_state = 'PENDING'",
+                (state, thumbnail_path, preview_path, error, instance.sop_instance_uid),
+            ).rowcount
+            if updated:  # not already finished by an earlier run
+                events.insert(
+                    self._db,
+                    event_type,
+                    payload,
+                    accession_number=instance.accession_number,
+                    source_message_id=source_message_id,
+                )
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def retry_later(self, sop_instance_uid: str, error: str, next_at: str) -> None:
+        self._db.execute(
+            "UPDATE stored_instances SET pipeline_attempts = pipeline_attempts + 1,"
+            " pipeline_error = ?, pipeline_next_at = ? WHERE sop_instance_uid = ?",
+            (error, next_at, sop_instance_uid),
+        )
+
+    def events(self) -> list[dict]:
+        return events.read_all(self._db)
 
     def count(self) -> int:
         return self._db.execute("SELECT count(*) FROM stored_instances").fetchone()[0]

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import datetime
 import enum
+import functools
 import os
 import shutil
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pydicom
 import trio
@@ -27,6 +29,7 @@ from appliance.storage.index import Index, StoredInstance
 from appliance.storage.layout import StorageLayout, file_sha256, place
 
 log = get_logger("storage")
+T = TypeVar("T")
 
 # C-STORE statuses (PS3.4 B.2.3)
 OUT_OF_RESOURCES = 0xA700
@@ -208,6 +211,14 @@ class InstanceStore:
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.layout.state_dir).free
+
+    async def write(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run an index write in the one writer thread."""
+        return await self._write(functools.partial(function, *args, **kwargs))
+
+    async def read(self, function: Callable[..., T], *args: Any) -> T:
+        """Index reads share the writer's connection, so they queue behind it too."""
+        return await self._write(function, *args)
 
     async def commit(self, spooled: Path, instance: StoredInstance) -> Outcome:
         """Place a hashed and fsynced spool file and index it; durable when this returns."""

@@ -14,7 +14,6 @@ import datetime
 import json
 import queue
 import sqlite3
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import attrs
 from attrs import frozen
 from pydicom.uid import generate_uid
 
+from appliance import events
 from appliance.db import SerialWriter, connect
 
 SCHEDULED, IN_PROGRESS, COMPLETED, DISCONTINUED, CANCELLED = (
@@ -63,7 +63,9 @@ _ITEM_COLUMNS = """
     updated_at                TEXT NOT NULL
 """
 
-SCHEMA = f"""
+SCHEMA = (
+    events.SCHEMA
+    + f"""
 CREATE TABLE IF NOT EXISTS worklist_items ({_ITEM_COLUMNS});
 CREATE INDEX IF NOT EXISTS worklist_items_offered ON worklist_items (status, scheduled_at);
 CREATE INDEX IF NOT EXISTS worklist_items_patient ON worklist_items (patient_id);
@@ -80,17 +82,8 @@ CREATE TABLE IF NOT EXISTS mpps_instances (
 );
 CREATE INDEX IF NOT EXISTS mpps_accession ON mpps_instances (accession_number);
 
-CREATE TABLE IF NOT EXISTS events (
-    seq               INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id          TEXT NOT NULL UNIQUE,
-    event_type        TEXT NOT NULL,
-    occurred_at       TEXT NOT NULL,
-    accession_number  TEXT,
-    source_message_id TEXT,
-    payload           TEXT NOT NULL,
-    delivered_at      TEXT
-);
 """
+)
 
 
 def now_utc() -> datetime.datetime:
@@ -279,23 +272,17 @@ class WorklistStore:
         payload: dict[str, Any],
         accession_number: str | None = None,
     ) -> None:
-        db.execute(
-            "INSERT INTO events (event_id, event_type, occurred_at, accession_number,"
-            " source_message_id, payload) VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                str(uuid.uuid4()),
-                event_type,
-                now_utc().isoformat(timespec="milliseconds"),
-                item.accession_number if item else accession_number,
-                item.source_message_id if item else None,
-                json.dumps(payload, sort_keys=True),
-            ),
+        events.insert(
+            db,
+            event_type,
+            payload,
+            accession_number=item.accession_number if item else accession_number,
+            source_message_id=item.source_message_id if item else None,
         )
 
     def events(self) -> list[dict[str, Any]]:
         with self.reader() as db:
-            rows = db.execute("SELECT * FROM events ORDER BY seq").fetchall()
-        return [dict(row) | {"payload": json.loads(row["payload"])} for row in rows]
+            return events.read_all(db)
 
     # --- items ------------------------------------------------------------------------------------
 

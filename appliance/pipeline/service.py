@@ -1,0 +1,207 @@
+"""The image pipeline: every stored instance gets its thumbnail, preview and cloud event.
+
+Off the association's path: the storage SCP only drops a notice on a channel (or nothing, if
+the channel is full); this service also sweeps the index for instances whose processing is not
+recorded as done, so a restart, a full channel or a failed attempt delays work, never loses
+it. Rendering is CPU-bound and runs in worker threads, one per core. The outcome and its event
+(`image.received` or, after the last failed attempt, `image.failed`) commit in one transaction,
+so each instance is reported exactly once.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import os
+from pathlib import Path
+
+import trio
+
+from appliance.config import PipelineConfig
+from appliance.log import get_logger
+from appliance.pipeline.render import RenderError, Rendition, render
+from appliance.storage.index import StoredInstance
+from appliance.storage.layout import ensure_directory
+from appliance.storage.store import InstanceStore
+from appliance.worklist.store import WorklistStore
+
+log = get_logger("pipeline")
+
+SWEEP_INTERVAL = 5.0
+SWEEP_BATCH = 64
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    ensure_directory(path.parent)
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+class ImagePipeline:
+    name = "image-pipeline"
+
+    def __init__(
+        self,
+        store: InstanceStore,
+        worklist: WorklistStore,
+        notices: trio.MemoryReceiveChannel[StoredInstance],
+        config: PipelineConfig,
+    ) -> None:
+        self._store = store
+        self._worklist = worklist
+        self._notices = notices
+        self._config = config
+        self._workers = config.workers or os.cpu_count() or 1
+        self._cpu = trio.CapacityLimiter(self._workers)
+        self._in_flight: set[str] = set()
+        self._renditions = [
+            Rendition(config.thumbnail_height, config.thumbnail_quality),
+            Rendition(config.preview_height, config.preview_quality),
+        ]
+        self.processed = 0
+
+    def statistics(self) -> dict[str, int]:
+        return {"in_flight": len(self._in_flight), "processed": self.processed}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        send, receive = trio.open_memory_channel[StoredInstance](self._workers * 2)
+        async with trio.open_nursery() as nursery, send:
+            for _ in range(self._workers):
+                nursery.start_soon(self._work, receive.clone())
+            nursery.start_soon(self._forward_notices, send.clone())
+            nursery.start_soon(self._sweep, send.clone())
+            task_status.started()
+
+    async def _offer(
+        self, work: trio.MemorySendChannel[StoredInstance], item: StoredInstance
+    ) -> None:
+        if item.sop_instance_uid in self._in_flight:
+            return
+        self._in_flight.add(item.sop_instance_uid)
+        await work.send(item)
+
+    async def _forward_notices(self, work: trio.MemorySendChannel[StoredInstance]) -> None:
+        async with work:
+            async for notice in self._notices:
+                await self._offer(work, notice)
+
+    async def _sweep(self, work: trio.MemorySendChannel[StoredInstance]) -> None:
+        async with work:
+            deadline = trio.current_time()
+            while True:
+                now = _now().isoformat(timespec="seconds")
+                due = await self._store.read(self._store.index.pending, now, SWEEP_BATCH)
+                for item in due:
+                    await self._offer(work, item)
+                deadline += SWEEP_INTERVAL
+                await trio.sleep_until(deadline)
+
+    async def _work(self, work: trio.MemoryReceiveChannel[StoredInstance]) -> None:
+        async with work:
+            async for item in work:
+                try:
+                    await self._process(item)
+                finally:
+                    self._in_flight.discard(item.sop_instance_uid)
+
+    async def _process(self, item: StoredInstance) -> None:
+        source = self._store.layout.absolute(item.storage_path)
+        linked = (
+            await trio.to_thread.run_sync(self._worklist.get, item.accession_number)
+            if item.accession_number
+            else None
+        )
+        source_message_id = linked.source_message_id if linked else None
+        started = trio.current_time()
+        try:
+            jpegs = await trio.to_thread.run_sync(
+                render, source, self._renditions, limiter=self._cpu
+            )
+        except Exception as exc:  # any failure is this image's, never the service's
+            await self._failed(item, exc, source_message_id)
+            return
+        payload = self._payload(item)
+        thumbnail_path = preview_path = None
+        if jpegs is not None:
+            stem = item.storage_path.removesuffix(".dcm")
+            thumbnail_path, preview_path = f"{stem}.thumb.jpg", f"{stem}.preview.jpg"
+            derived = self._store.layout.state_dir / "derived"
+            for relative, data in ((thumbnail_path, jpegs[0]), (preview_path, jpegs[1])):
+                await trio.to_thread.run_sync(_write_atomically, derived / relative, data)
+            payload["thumbnail"] = base64.b64encode(jpegs[0]).decode("ascii")
+        payload["thumbnail_media_type"] = "image/jpeg" if jpegs is not None else None
+        await self._store.write(
+            self._store.index.finish,
+            item,
+            "DONE",
+            "image.received",
+            payload,
+            source_message_id,
+            thumbnail_path=thumbnail_path,
+            preview_path=preview_path,
+        )
+        self.processed += 1
+        log.info(
+            "image.processed",
+            sop_instance_uid=item.sop_instance_uid,
+            thumbnail=jpegs is not None,
+            ms=round((trio.current_time() - started) * 1000, 1),
+        )
+
+    async def _failed(
+        self, item: StoredInstance, exc: Exception, source_message_id: str | None
+    ) -> None:
+        phase = exc.phase if isinstance(exc, RenderError) else "render"
+        attempts = item.pipeline_attempts + 1
+        error = f"{phase}: {exc}"[:500]
+        log.warning(
+            "image.failed",
+            phase=phase,
+            sop_instance_uid=item.sop_instance_uid,
+            attempt=attempts,
+            error=str(exc)[:200],
+        )
+        if attempts < self._config.max_attempts:
+            next_at = _now() + datetime.timedelta(seconds=self._config.retry_after_s)
+            await self._store.write(
+                self._store.index.retry_later,
+                item.sop_instance_uid,
+                error,
+                next_at.isoformat(timespec="seconds"),
+            )
+            return
+        payload = self._payload(item) | {
+            "phase": phase,
+            "error": str(exc)[:500],
+            "attempts": attempts,
+        }
+        await self._store.write(
+            self._store.index.finish,
+            item,
+            "FAILED",
+            "image.failed",
+            payload,
+            source_message_id,
+            error=error,
+        )
+
+    @staticmethod
+    def _payload(item: StoredInstance) -> dict:
+        return {
+            "sop_instance_uid": item.sop_instance_uid,
+            "study_instance_uid": item.study_instance_uid,
+            "series_instance_uid": item.series_instance_uid,
+            "sop_class_uid": item.sop_class_uid,
+            "accession_number": item.accession_number,
+            "laterality": item.image_laterality,
+            "view_position": item.view_position,
+            "number_of_frames": item.number_of_frames,
+            "file_size": item.file_size,
+            "sha256": item.storage_hash,
+            "transfer_syntax_uid": item.transfer_syntax_uid,
+        }
