@@ -218,8 +218,9 @@ def _strict(kind: type, accepts: tuple[type, ...], name: str):
     return structure
 
 
-def _make_converter() -> cattrs.Converter:
-    converter = cattrs.Converter(forbid_extra_keys=True)
+def strict_converter(forbid_extra_keys: bool) -> cattrs.Converter:
+    """A converter that never coerces: `"4244"` is not an int, `true` is not a port."""
+    converter = cattrs.Converter(forbid_extra_keys=forbid_extra_keys)
     converter.register_structure_hook(int, _strict(int, (int,), "an integer"))
     converter.register_structure_hook(float, _strict(float, (int, float), "a number"))
     converter.register_structure_hook(str, _strict(str, (str,), "a string"))
@@ -237,7 +238,7 @@ def _structure_choice(value: Any, type_: Any) -> Any:
     return value
 
 
-converter = _make_converter()
+converter = strict_converter(forbid_extra_keys=True)
 
 
 _FIELD_MARK = "\x1f"

@@ -1,0 +1,177 @@
+"""Cloud actions: JSON on the rendezvous socket, one reply each (see docs/relay-protocol.md).
+
+Payloads are structured with cattrs into attrs classes; a missing or mistyped field is
+answered with a structured error naming it, never a crash. Unknown fields are ignored so the
+cloud can add to its envelope (schema_version, timestamp, source_system, ...).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import cattrs
+from attrs import frozen
+
+from appliance.config import strict_converter
+from appliance.log import get_logger
+from appliance.worklist.store import CANCELLED, WorklistError, WorklistItem, WorklistStore
+
+log = get_logger("relay")
+
+converter = strict_converter(forbid_extra_keys=False)
+
+
+@frozen
+class Participant:
+    nhs_number: str
+    name: str
+    birth_date: str = ""
+    sex: str = ""
+
+
+@frozen
+class Scheduled:
+    date: str  # UTC, YYYY-MM-DD
+    time: str  # UTC, HH:MM[:SS]
+
+
+@frozen
+class Procedure:
+    modality: str = "MG"
+    study_description: str = ""
+
+
+@frozen
+class NewItem:
+    accession_number: str
+    participant: Participant
+    scheduled: Scheduled
+    procedure: Procedure = Procedure()
+
+
+@frozen
+class CreateItem:
+    worklist_item: NewItem
+
+
+@frozen
+class ItemStatus:
+    accession_number: str
+    status: str = CANCELLED
+
+
+@frozen
+class UpdateStatus:
+    worklist_item: ItemStatus
+
+
+class ActionError(Exception):
+    """A request the appliance refuses; the message is sent back as is."""
+
+
+def _problems(exc: Exception) -> str:
+    lines = cattrs.transform_error(exc, path="parameters")
+    return "; ".join(line.replace(" @ ", " at ") for line in lines)
+
+
+def _structure(parameters: Any, cls: type) -> Any:
+    try:
+        return converter.structure(parameters, cls)
+    except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
+        detail = _problems(exc) if isinstance(exc, cattrs.BaseValidationError) else str(exc)
+        raise ActionError(f"invalid parameters: {detail}") from None
+
+
+def _utc(scheduled: Scheduled) -> datetime.datetime:
+    try:
+        moment = datetime.datetime.fromisoformat(f"{scheduled.date}T{scheduled.time}")
+    except ValueError:
+        raise ActionError(
+            f"invalid parameters: scheduled {scheduled.date} {scheduled.time} is not a date/time"
+        ) from None
+    return moment.replace(tzinfo=datetime.UTC) if moment.tzinfo is None else moment
+
+
+def _sex(value: str) -> str:
+    return {"female": "F", "male": "M", "other": "O"}.get(value.lower(), value.upper()[:1])
+
+
+class CloudActions:
+    def __init__(
+        self, worklist: WorklistStore, health: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> None:
+        self._worklist = worklist
+        self._health = health
+        self._handlers = {
+            "worklist.create_item": self._create_item,
+            "worklist.update_status": self._update_status,
+            "worklist.cancel_item": self._cancel_item,
+            "health": self._report_health,
+            "echo": self._echo,
+        }
+
+    async def handle(self, text: str) -> str:
+        """One action in, one reply out; never raises."""
+        action_id = None
+        try:
+            message = json.loads(text)
+            if not isinstance(message, dict):
+                raise ActionError("an action is a JSON object")
+            action_id = message.get("action_id")
+            action_type = message.get("action_type")
+            handler = self._handlers.get(action_type)
+            if handler is None:
+                raise ActionError(f"unknown action_type {action_type!r}")
+            reply = await handler(message.get("parameters") or {}, message)
+            log.info(
+                "action.done",
+                action_type=action_type,
+                action_id=action_id,
+                status=reply.get("status"),
+            )
+        except json.JSONDecodeError as exc:
+            reply = {"status": "error", "message": f"malformed JSON: {exc}"}
+            log.warning("action.refused", phase="action", reason="malformed JSON")
+        except (ActionError, WorklistError) as exc:
+            reply = {"status": "error", "message": str(exc)}
+            if isinstance(exc, WorklistError):
+                reply["code"] = exc.code
+            log.warning("action.refused", phase="action", action_id=action_id, reason=str(exc))
+        return json.dumps({**reply, "action_id": action_id})
+
+    async def _create_item(self, parameters: Any, message: dict) -> dict:
+        new = _structure(parameters, CreateItem).worklist_item
+        item = WorklistItem(
+            accession_number=new.accession_number,
+            patient_id=new.participant.nhs_number,
+            patient_name=new.participant.name,
+            patient_birth_date=new.participant.birth_date.replace("-", ""),
+            patient_sex=_sex(new.participant.sex),
+            scheduled_at=_utc(new.scheduled),
+            modality=new.procedure.modality,
+            study_description=new.procedure.study_description,
+            source_message_id=message.get("action_id"),
+        )
+        result, stored = await self._worklist.write(self._worklist.create, item)
+        return {"status": result, "study_instance_uid": stored.study_instance_uid}
+
+    async def _update_status(self, parameters: Any, message: dict) -> dict:
+        change = _structure(parameters, UpdateStatus).worklist_item
+        await self._worklist.write(
+            self._worklist.set_status, change.accession_number, change.status
+        )
+        return {"status": "updated"}
+
+    async def _cancel_item(self, parameters: Any, message: dict) -> dict:
+        change = _structure(parameters, UpdateStatus).worklist_item
+        await self._worklist.write(self._worklist.set_status, change.accession_number, CANCELLED)
+        return {"status": "cancelled"}
+
+    async def _report_health(self, parameters: Any, message: dict) -> dict:
+        return {"status": "ok", "health": await self._health()}
+
+    async def _echo(self, parameters: Any, message: dict) -> dict:
+        return {"status": "echo", "payload": message.get("payload", parameters)}

@@ -1,0 +1,240 @@
+"""Cloud actions through the relay emulator, which speaks the Hybrid Connections protocol and
+checks SAS tokens as the service does: replies, refusals, zombies, token expiry and renewal."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+import urllib.parse
+
+import pytest
+import trio
+from trio_websocket import ConnectionRejected
+
+from appliance.relay.actions import CloudActions
+from appliance.relay.emulator import RelayEmulator
+from appliance.relay.listener import RelayListener
+from appliance.relay.sas import make_token, resource_uri
+from appliance.relay.websocket import open_websocket
+from appliance.worklist.store import WorklistStore
+
+KEY_NAME = "RootManageSharedAccessKey"
+KEY = b"emulator-test-key"
+
+
+def create_item(action_id: str, accession: str = "ACC-R1", nhs: str = "9990000301") -> dict:
+    return {
+        "schema_version": 1,
+        "action_type": "worklist.create_item",
+        "action_id": action_id,
+        "timestamp": "2026-11-22T09:00:00Z",
+        "source_system": "manage-breast-screening",
+        "parameters": {
+            "worklist_item": {
+                "accession_number": accession,
+                "participant": {
+                    "nhs_number": nhs,
+                    "name": "RELAY^TEST",
+                    "birth_date": "1970-01-01",
+                    "sex": "female",
+                },
+                "scheduled": {"date": "2026-11-22", "time": "14:30"},
+                "procedure": {"modality": "MG", "study_description": "Screening"},
+            }
+        },
+    }
+
+
+async def cloud_send(emulator: RelayEmulator, message: dict | str, path: str = "actions") -> dict:
+    """The cloud in the sender role: connect, send one action, read one reply."""
+    token = make_token(resource_uri(emulator.namespace, path), KEY_NAME, KEY, int(time.time() + 60))
+    query = urllib.parse.urlencode({"sb-hc-action": "connect", "sb-hc-token": token})
+    url = f"{emulator.endpoint}/$hc/{path}?{query}"
+    async with open_websocket(url, max_message_size=1 << 20) as ws:
+        await ws.send_message(message if isinstance(message, str) else json.dumps(message))
+        return json.loads(await ws.get_message())
+
+
+async def health() -> dict:
+    return {"healthy": True, "version": "test", "checks": {}}
+
+
+@pytest.fixture
+async def relay(tmp_path, nursery):
+    emulator = await nursery.start(RelayEmulator({KEY_NAME: KEY}).run)
+    worklist = WorklistStore(tmp_path / "worklist.db")
+    worklist.open()
+    relay = Relay(emulator, worklist)
+    yield relay
+    worklist.close()
+
+
+class Relay:
+    def __init__(self, emulator: RelayEmulator, worklist: WorklistStore) -> None:
+        self.emulator = emulator
+        self.worklist = worklist
+        self.actions = CloudActions(worklist, health)
+
+    def listener(self, key: bytes = KEY, **options) -> RelayListener:
+        return RelayListener(
+            name="listener-1",
+            endpoint=self.emulator.endpoint,
+            namespace=self.emulator.namespace,
+            path="actions",
+            key_name=KEY_NAME,
+            key=key,
+            handle=self.actions.handle,
+            **({"ping_interval": 1.0, "ping_timeout": 0.5, "backoff": (0.0, 0.1)} | options),
+        )
+
+    async def listening(self, nursery, **options) -> RelayListener:
+        listener = self.listener(**options)
+        await nursery.start(listener.run)
+        await wait_until(lambda: self.emulator.listener_count("actions") == 1)
+        return listener
+
+
+async def wait_until(condition) -> None:
+    with trio.fail_after(10):
+        while True:
+            if condition():
+                return
+            await trio.sleep(0.01)
+
+
+async def test_create_item_created_exists_and_conflict(relay, nursery):
+    await relay.listening(nursery)
+    with trio.fail_after(20):
+        created = await cloud_send(relay.emulator, create_item("action-1"))
+        again = await cloud_send(relay.emulator, create_item("action-1"))
+        clash = await cloud_send(relay.emulator, create_item("action-2", nhs="9990000999"))
+    assert (created["status"], created["action_id"]) == ("created", "action-1")
+    assert created["study_instance_uid"].startswith("1.2.826.0.1.3680043.8.498.")
+    assert again["status"] == "exists"
+    assert (clash["status"], clash["code"]) == ("error", "conflict")
+    assert "different patient_id" in clash["message"]
+    item = relay.worklist.get("ACC-R1")
+    assert item.source_message_id == "action-1"
+    assert item.scheduled_at == datetime.datetime(2026, 11, 22, 14, 30, tzinfo=datetime.UTC)
+    assert (item.patient_birth_date, item.patient_sex) == ("19700101", "F")
+
+
+async def test_bad_requests_get_structured_errors_and_the_listener_keeps_serving(relay, nursery):
+    listener = await relay.listening(nursery)
+    missing_field = create_item("action-3")
+    del missing_field["parameters"]["worklist_item"]["participant"]["nhs_number"]
+    with trio.fail_after(20):
+        malformed = await cloud_send(relay.emulator, "{not json")
+        unknown = await cloud_send(relay.emulator, {"action_type": "fly", "action_id": "a-4"})
+        invalid = await cloud_send(relay.emulator, missing_field)
+        still = await cloud_send(relay.emulator, create_item("action-5"))
+    assert malformed["status"] == "error"
+    assert malformed["message"].startswith("malformed JSON")
+    assert (unknown["status"], unknown["action_id"]) == ("error", "a-4")
+    assert "unknown action_type 'fly'" in unknown["message"]
+    assert invalid["status"] == "error"
+    assert "parameters.worklist_item.participant.nhs_number" in invalid["message"]
+    assert still["status"] == "created"
+    assert listener.connected
+
+
+async def test_status_updates_cancel_echo_and_health(relay, nursery):
+    await relay.listening(nursery)
+    with trio.fail_after(20):
+        await cloud_send(relay.emulator, create_item("a-1"))
+        updated = await cloud_send(
+            relay.emulator,
+            {
+                "action_type": "worklist.update_status",
+                "action_id": "a-2",
+                "parameters": {
+                    "worklist_item": {"accession_number": "ACC-R1", "status": "IN PROGRESS"}
+                },
+            },
+        )
+        cancelled = await cloud_send(
+            relay.emulator,
+            {
+                "action_type": "worklist.cancel_item",
+                "action_id": "a-3",
+                "parameters": {"worklist_item": {"accession_number": "ACC-R1"}},
+            },
+        )
+        unknown = await cloud_send(
+            relay.emulator,
+            {
+                "action_type": "worklist.cancel_item",
+                "action_id": "a-4",
+                "parameters": {"worklist_item": {"accession_number": "NOPE"}},
+            },
+        )
+        echo = await cloud_send(
+            relay.emulator, {"action_type": "echo", "action_id": "a-5", "payload": {"ping": 1}}
+        )
+        healthy = await cloud_send(relay.emulator, {"action_type": "health", "action_id": "a-6"})
+    assert updated["status"] == "updated"
+    assert cancelled["status"] == "cancelled"
+    assert relay.worklist.get("ACC-R1").status == "CANCELLED"
+    assert (unknown["status"], unknown["code"]) == ("error", "not_found")
+    assert echo == {"status": "echo", "payload": {"ping": 1}, "action_id": "a-5"}
+    assert healthy["status"] == "ok"
+    assert healthy["health"]["healthy"] is True
+
+
+async def test_a_sender_with_no_listener_gets_404(relay):
+    with trio.fail_after(10), pytest.raises(ConnectionRejected) as rejected:
+        await cloud_send(relay.emulator, create_item("a-1"))
+    assert rejected.value.status_code == 404
+
+
+async def test_a_wrong_key_is_refused_at_the_handshake_and_counted(relay, nursery):
+    listener = relay.listener(key=b"not-the-key")
+    await nursery.start(listener.run)
+    await wait_until(lambda: listener.failures["sas-token"] >= 2)
+    assert not listener.connected
+    assert ("sas-token", "signature does not match") in relay.emulator.refusals
+
+
+async def test_a_zombie_control_channel_is_replaced_within_two_ping_intervals(relay, nursery):
+    listener = await relay.listening(nursery, ping_interval=0.5, ping_timeout=0.25)
+    relay.emulator.freeze()  # no close, no pong: the connection just goes silent
+    frozen_at = trio.current_time()
+    await wait_until(lambda: listener.failures["control-channel"] >= 1)
+    assert trio.current_time() - frozen_at <= 2 * 0.5
+    # The service, like the listener, notices the silent channel by its own pings and drops it.
+    await wait_until(
+        lambda: (
+            listener.connected
+            and any(kind == "listener-silent" for kind, _ in relay.emulator.refusals)
+            and relay.emulator.listener_count("actions") == 1
+        )
+    )
+    with trio.fail_after(20):
+        reply = await cloud_send(relay.emulator, create_item("after-zombie"))
+    assert reply["status"] == "created"
+
+
+async def test_token_is_renewed_on_the_open_channel(relay, nursery):
+    listener = await relay.listening(nursery, token_lifetime=2.0)
+    await trio.sleep(5)  # more than two lifetimes
+    assert listener.connected
+    assert not listener.failures
+    assert not [r for r in relay.emulator.refusals if r[0] in ("expired", "renew")]
+    with trio.fail_after(20):
+        assert (await cloud_send(relay.emulator, create_item("renewed")))["status"] == "created"
+
+
+async def test_expired_token_closes_the_channel_with_1008(tmp_path, nursery):
+    skew = [0.0]
+    emulator = await nursery.start(
+        RelayEmulator({KEY_NAME: KEY}, clock=lambda: time.time() + skew[0]).run
+    )
+    worklist = WorklistStore(tmp_path / "worklist.db")
+    worklist.open()
+    relay = Relay(emulator, worklist)
+    listener = await relay.listening(nursery, token_lifetime=3600.0)
+    skew[0] = 7200  # the service's clock passes the token's expiry
+    await wait_until(lambda: listener.failures["control-channel"] >= 1)
+    assert ("expired", "listener-1") in emulator.refusals
+    worklist.close()
