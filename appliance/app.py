@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 
 import attrs
 import trio
@@ -10,13 +11,15 @@ from pynetdicom import DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import Verification
 
 from appliance import __version__
-from appliance.config import Config
+from appliance.config import Config, read_secret
 from appliance.dicom import _pynetdicom
 from appliance.dicom.server import DicomServer, TrioDoor
 from appliance.dicom.storage_scp import STORAGE_CONTEXTS, StorageSCP
 from appliance.dicom.worklist_scp import WORKLIST_CONTEXTS, WorklistSCP
 from appliance.log import get_logger
 from appliance.pipeline.service import ImagePipeline
+from appliance.relay.actions import CloudActions
+from appliance.relay.listener import RelayListener
 from appliance.sdnotify import Notifier
 from appliance.storage.index import StoredInstance
 from appliance.storage.layout import StorageLayout, ensure_directory
@@ -57,6 +60,8 @@ class Appliance:
         self.pipeline = ImagePipeline(
             self.store, self.worklist, self.stored_instances, config.pipeline
         )
+        self.relay_listener: RelayListener | None = None
+        self.started_at = time.time()
         self.storage_server: DicomServer | None = None
         self.worklist_server: DicomServer | None = None
         self.supervisor: Supervisor | None = None
@@ -71,6 +76,54 @@ class Appliance:
             dicom=self.config.dicom,
             shutdown_timeout=self.config.supervisor.shutdown_timeout_s,
         )
+
+    def _relay_listener(self) -> RelayListener:
+        relay = self.config.relay
+        actions = CloudActions(self.worklist, self.health)
+        return RelayListener(
+            name="relay-listener",
+            endpoint=relay.url,
+            namespace=relay.namespace,
+            path=relay.actions_path,
+            key_name=relay.key_name,
+            key=read_secret(relay.key_file, "relay.key_file"),
+            handle=actions.handle,
+            token_lifetime=relay.token_lifetime_s,
+            ping_interval=relay.ping_interval_s,
+            ping_timeout=relay.ping_timeout_s,
+        )
+
+    async def health(self) -> dict:
+        """Real checks, for the cloud's `health` action and operators."""
+        host = "127.0.0.1" if self.config.dicom.host == "0.0.0.0" else self.config.dicom.host
+        checks: dict = {}
+        for name, server in (
+            ("storage_port", self.storage_server),
+            ("worklist_port", self.worklist_server),
+        ):
+            checks[name] = await _accepts(host, server.bound_port) if server else False
+        free = await trio.to_thread.run_sync(self.store.free_bytes)
+        floor = self.config.dicom.storage.min_free_mb * 1024 * 1024
+        checks["disk"] = {"ok": free > floor, "free_bytes": free, "floor_bytes": floor}
+        image_events = await self.store.read(self.store.index.undelivered_events)
+        workflow_events = await trio.to_thread.run_sync(self.worklist.undelivered_events)
+        oldest = [o for o in (image_events[1], workflow_events[1]) if o]
+        checks["outbox"] = {
+            "undelivered": image_events[0] + workflow_events[0],
+            "oldest_undelivered": min(oldest) if oldest else None,
+        }
+        checks["last_image_received"] = await self.store.read(self.store.index.last_received)
+        checks["relay"] = (
+            self.relay_listener.statistics() if self.relay_listener else {"enabled": False}
+        )
+        checks["pipeline"] = self.pipeline.statistics()
+        healthy = checks["storage_port"] and checks["worklist_port"] and checks["disk"]["ok"]
+        return {
+            "healthy": bool(healthy),
+            "version": __version__,
+            "uptime": round(time.time() - self.started_at),
+            "checks": checks,
+        }
 
     def _describe(self) -> str:
         servers = (self.storage_server, self.worklist_server)
@@ -118,8 +171,13 @@ class Appliance:
         # An active transfer touches its spool file continuously; an idle association is aborted
         # after network_timeout_s. Anything much older belongs to an association that is gone.
         sweeper = SpoolSweeper(self.layout.spool, older_than=max(300, 4 * dicom.network_timeout_s))
+        services = []
+        if self.config.relay.enabled:
+            self.relay_listener = self._relay_listener()
+            services.append((self.relay_listener, self.policy))
         self.supervisor = Supervisor(
             [
+                *services,
                 (self.storage_server, self.policy),
                 (self.worklist_server, self.policy),
                 (sweeper, self.policy),
@@ -135,6 +193,18 @@ class Appliance:
             # Servers have drained by now (their own shielded cleanup); the stores close last.
             self.store.close()
             self.worklist.close()
+
+
+async def _accepts(host: str, port: int | None) -> bool:
+    if port is None:
+        return False
+    try:
+        with trio.fail_after(2):
+            stream = await trio.open_tcp_stream(host, port)
+    except (OSError, trio.TooSlowError):
+        return False
+    await stream.aclose()
+    return True
 
 
 async def _cancel_on_signal(

@@ -36,6 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from appliance.supervisor import RestartBudgetExceeded, describe_error
 
     config = _load(args)
+    config_module.effective(config)  # secrets readable now, or exit 2 naming the key
     log.configure(config.log.level, config.log.format)
     notifier = Notifier()
     status = 0
@@ -186,6 +187,64 @@ def cmd_worklist_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dev_relay_emulator(args: argparse.Namespace) -> int:
+    from appliance.app import _cancel_on_signal
+    from appliance.relay.emulator import RelayEmulator
+    from appliance.sdnotify import Notifier
+
+    log.configure("INFO")
+    key = config_module.read_secret(args.key_file, "--key-file")
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_cancel_on_signal, nursery.cancel_scope, Notifier({}))
+            emulator = RelayEmulator({args.key_name: key}, namespace=args.namespace)
+            await nursery.start(emulator.run, args.host, args.port)
+            print(
+                f"relay emulator on {emulator.endpoint}, namespace {emulator.namespace}",
+                file=sys.stderr,
+            )
+
+    trio.run(serve)
+    return 0
+
+
+def cmd_dev_cloud_send(args: argparse.Namespace) -> int:
+    """The cloud in the sender role: one action to the appliance, its reply printed."""
+    import time
+    import urllib.parse
+
+    from trio_websocket import ConnectionRejected
+
+    from appliance.relay.sas import make_token, resource_uri
+    from appliance.relay.websocket import open_websocket
+
+    relay = _load(args).relay
+    text = sys.stdin.read() if args.action == "-" else Path(args.action).read_text()
+    key = config_module.read_secret(relay.key_file, "relay.key_file")
+    token = make_token(
+        resource_uri(relay.namespace, relay.actions_path),
+        relay.key_name,
+        key,
+        int(time.time() + 300),
+    )
+    query = urllib.parse.urlencode({"sb-hc-action": "connect", "sb-hc-token": token})
+    url = f"{relay.url}/$hc/{relay.actions_path}?{query}"
+
+    async def send() -> str:
+        async with open_websocket(url, max_message_size=16 << 20) as ws:
+            await ws.send_message(text)
+            reply = await ws.get_message()
+            return reply if isinstance(reply, str) else reply.decode()
+
+    try:
+        print(trio.run(send))
+    except ConnectionRejected as exc:
+        print(f"cloud send: relay refused with HTTP {exc.status_code}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     # `--config` may come before or after the sub-command: operators type both.
     common = argparse.ArgumentParser(add_help=False)
@@ -227,6 +286,20 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     cancel = command(worklist_sub, "cancel", "withdraw an item", cmd_worklist_cancel)
     cancel.add_argument("accession")
+    dev = command(commands, "dev", "development tools: relay emulator, cloud simulator")
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True, metavar="TOOL")
+    emulator = command(dev_sub, "relay-emulator", "a local Azure Relay", cmd_dev_relay_emulator)
+    emulator.add_argument("--host", default="127.0.0.1")
+    emulator.add_argument("--port", type=int, default=9400)
+    emulator.add_argument("--namespace", default="", help="default: HOST:PORT")
+    emulator.add_argument("--key-name", default="RootManageSharedAccessKey")
+    emulator.add_argument("--key-file", required=True)
+    cloud = command(dev_sub, "cloud", "the cloud's side of the relay")
+    cloud_sub = cloud.add_subparsers(dest="cloud_command", required=True, metavar="ACTION")
+    send = command(
+        cloud_sub, "send", "send one action (a JSON file, or - for stdin)", cmd_dev_cloud_send
+    )
+    send.add_argument("action")
     fsck = command(commands, "fsck", "reconcile stored files with the index, repairing", cmd_fsck)
     fsck.add_argument(
         "--verify-hashes", action="store_true", help="re-read every file and check its SHA-256"

@@ -188,10 +188,34 @@ class SupervisorConfig:
 @frozen
 class RelayConfig:
     enabled: bool = False
+    #: The Relay namespace, e.g. "site1.servicebus.windows.net" (the token's resource).
+    namespace: str = ""
+    #: Where to connect; empty means wss://{namespace}. E.g. ws://127.0.0.1:9400 for the emulator.
+    endpoint: str = ""
+    actions_path: str = "actions"
+    events_path: str = "events"
     key_name: str = "RootManageSharedAccessKey"
     #: A file holding the SAS key, or the name of a systemd credential ($CREDENTIALS_DIRECTORY).
     #: Never the key itself: keys do not belong in a config file.
     key_file: str = ""
+    token_lifetime_s: float = field(default=3600.0, validator=_positive)
+    ping_interval_s: float = field(default=30.0, validator=_positive)
+    ping_timeout_s: float = field(default=10.0, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.enabled and not self.namespace:
+            raise FieldError(
+                attrs.fields(RelayConfig).namespace, "required when the relay is enabled"
+            )
+        if self.ping_timeout_s >= self.ping_interval_s:
+            raise FieldError(
+                attrs.fields(RelayConfig).ping_timeout_s,
+                f"{self.ping_timeout_s} must be shorter than ping_interval_s",
+            )
+
+    @property
+    def url(self) -> str:
+        return self.endpoint or f"wss://{self.namespace}"
 
 
 @frozen

@@ -55,3 +55,11 @@ def insert(
 def read_all(db: sqlite3.Connection) -> list[dict[str, Any]]:
     rows = db.execute("SELECT * FROM events ORDER BY seq").fetchall()
     return [dict(row) | {"payload": json.loads(row["payload"])} for row in rows]
+
+
+def undelivered(db: sqlite3.Connection) -> tuple[int, str | None]:
+    """How many events wait for the cloud, and when the oldest of them occurred."""
+    count, oldest = db.execute(
+        "SELECT count(*), min(occurred_at) FROM events WHERE delivered_at IS NULL"
+    ).fetchone()
+    return count, oldest

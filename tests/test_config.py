@@ -87,7 +87,10 @@ def test_relay_key_comes_from_systemd_credentials_and_is_redacted(tmp_path):
     credentials.mkdir()
     (credentials / "relay-key").write_text("s3cr3t-key-value\n")
     loaded = config.load(
-        write_config(tmp_path, {"relay": {"enabled": True, "key_file": "relay-key"}}), environ={}
+        write_config(
+            tmp_path, {"relay": {"enabled": True, "namespace": "ns", "key_file": "relay-key"}}
+        ),
+        environ={},
     )
     environ = {"CREDENTIALS_DIRECTORY": str(credentials)}
     assert config.read_secret("relay-key", "relay.key_file", environ) == b"s3cr3t-key-value"
@@ -97,7 +100,8 @@ def test_relay_key_comes_from_systemd_credentials_and_is_redacted(tmp_path):
 
 
 def test_missing_relay_key_names_the_key(tmp_path):
-    loaded = config.load(write_config(tmp_path, {"relay": {"enabled": True}}), environ={})
+    enabled = {"relay": {"enabled": True, "namespace": "ns"}}
+    loaded = config.load(write_config(tmp_path, enabled), environ={})
     with pytest.raises(config.ConfigError, match=r"relay\.key_file: required"):
         config.effective(loaded, {})
 
@@ -109,3 +113,22 @@ def test_config_check_command_exits_2_with_one_line_per_problem(tmp_path, capsys
     good = write_config(tmp_path)
     assert cli.main(["--config", str(good), "config", "check"]) == 0
     assert json.loads(capsys.readouterr().out)["dicom"]["storage"]["ae_title"] == "SCREENING_PACS"
+
+
+def test_relay_needs_a_namespace_and_a_ping_timeout_shorter_than_the_interval(tmp_path):
+    assert problems(tmp_path, {"relay": {"enabled": True, "key_file": "k"}}) == [
+        "config: relay.namespace: required when the relay is enabled"
+    ]
+    slow = {"relay": {"ping_interval_s": 10, "ping_timeout_s": 10}}
+    assert problems(tmp_path, slow) == [
+        "config: relay.ping_timeout_s: 10.0 must be shorter than ping_interval_s"
+    ]
+
+
+def test_run_refuses_to_start_without_a_readable_relay_key(tmp_path, capsys):
+    path = write_config(
+        tmp_path,
+        {"relay": {"enabled": True, "namespace": "ns", "key_file": str(tmp_path / "absent.key")}},
+    )
+    assert cli.main(["run", "--config", str(path)]) == 2
+    assert "relay.key_file: cannot read" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import subprocess
 import time
 import urllib.parse
 
@@ -18,6 +19,7 @@ from appliance.relay.listener import RelayListener
 from appliance.relay.sas import make_token, resource_uri
 from appliance.relay.websocket import open_websocket
 from appliance.worklist.store import WorklistStore
+from tests.support import ApplianceProcess, write_config
 
 KEY_NAME = "RootManageSharedAccessKey"
 KEY = b"emulator-test-key"
@@ -238,3 +240,55 @@ async def test_expired_token_closes_the_channel_with_1008(tmp_path, nursery):
     await wait_until(lambda: listener.failures["control-channel"] >= 1)
     assert ("expired", "listener-1") in emulator.refusals
     worklist.close()
+
+
+@pytest.mark.usefixtures("dcmtk")
+async def test_a_cloud_action_reaches_the_modality_worklist_of_the_running_appliance(
+    tmp_path, nursery
+):
+    emulator = await nursery.start(RelayEmulator({KEY_NAME: KEY}).run)
+    (tmp_path / "relay.key").write_bytes(KEY + b"\n")
+    relay_config = {
+        "enabled": True,
+        "namespace": emulator.namespace,
+        "endpoint": emulator.endpoint,
+        "key_file": str(tmp_path / "relay.key"),
+        "ping_interval_s": 2,
+        "ping_timeout_s": 1,
+    }
+    app = ApplianceProcess(write_config(tmp_path, {"relay": relay_config}))
+    app.start()
+    try:
+        await trio.to_thread.run_sync(app.wait_ready)
+        await wait_until(lambda: emulator.listener_count("actions") == 1)
+        with trio.fail_after(30):
+            created = await cloud_send(emulator, create_item("e2e-1"))
+            health_reply = await cloud_send(emulator, {"action_type": "health", "action_id": "h"})
+        found = await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [
+                    "findscu",
+                    "-W",
+                    "-v",
+                    "-aec",
+                    "SCREENING_MWL",
+                    "-k",
+                    "PatientName",
+                    "-k",
+                    "AccessionNumber=ACC-R1",
+                    "127.0.0.1",
+                    str(app.ports["worklist"]),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        )
+    finally:
+        app.__exit__()
+    assert created["status"] == "created"
+    assert "RELAY^TEST" in found.stderr
+    health_checks = health_reply["health"]["checks"]
+    assert health_reply["health"]["healthy"] is True
+    assert (health_checks["storage_port"], health_checks["worklist_port"]) == (True, True)
+    assert health_checks["relay"]["connected"] is True

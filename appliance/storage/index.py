@@ -221,5 +221,11 @@ class Index:
     def events(self) -> list[dict]:
         return events.read_all(self._db)
 
+    def undelivered_events(self) -> tuple[int, str | None]:
+        return events.undelivered(self._db)
+
+    def last_received(self) -> str | None:
+        return self._db.execute("SELECT max(created_at) FROM stored_instances").fetchone()[0]
+
     def count(self) -> int:
         return self._db.execute("SELECT count(*) FROM stored_instances").fetchone()[0]

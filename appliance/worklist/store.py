@@ -284,6 +284,10 @@ class WorklistStore:
         with self.reader() as db:
             return events.read_all(db)
 
+    def undelivered_events(self) -> tuple[int, str | None]:
+        with self.reader() as db:
+            return events.undelivered(db)
+
     # --- items ------------------------------------------------------------------------------------
 
     def get(self, accession_number: str) -> WorklistItem | None:
