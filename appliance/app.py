@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import time
 
 import attrs
@@ -12,6 +13,7 @@ from pynetdicom.sop_class import Verification
 
 from appliance import __version__
 from appliance.config import Config, read_secret
+from appliance.db import connect
 from appliance.dicom import _pynetdicom
 from appliance.dicom.server import DicomServer, TrioDoor
 from appliance.dicom.storage_scp import STORAGE_CONTEXTS, StorageSCP
@@ -20,6 +22,8 @@ from appliance.log import get_logger
 from appliance.pipeline.service import ImagePipeline
 from appliance.relay.actions import CloudActions
 from appliance.relay.listener import RelayListener
+from appliance.relay.outbox import Outbox
+from appliance.relay.sender import RelaySender
 from appliance.sdnotify import Notifier
 from appliance.storage.index import StoredInstance
 from appliance.storage.layout import StorageLayout, ensure_directory
@@ -61,6 +65,8 @@ class Appliance:
             self.store, self.worklist, self.stored_instances, config.pipeline
         )
         self.relay_listener: RelayListener | None = None
+        self.relay_sender: RelaySender | None = None
+        self.outbox = outbox_for(config)
         self.started_at = time.time()
         self.storage_server: DicomServer | None = None
         self.worklist_server: DicomServer | None = None
@@ -93,6 +99,21 @@ class Appliance:
             ping_timeout=relay.ping_timeout_s,
         )
 
+    def _relay_sender(self) -> RelaySender:
+        relay = self.config.relay
+        return RelaySender(
+            outbox=self.outbox,
+            endpoint=relay.url,
+            namespace=relay.namespace,
+            path=relay.events_path,
+            key_name=relay.key_name,
+            key=read_secret(relay.key_file, "relay.key_file"),
+            appliance_id=relay.appliance_id or socket.gethostname(),
+            token_lifetime=relay.token_lifetime_s,
+            ack_timeout=relay.ack_timeout_s,
+            ping_interval=relay.ping_interval_s,
+        )
+
     async def health(self) -> dict:
         """Real checks, for the cloud's `health` action and operators."""
         host = "127.0.0.1" if self.config.dicom.host == "0.0.0.0" else self.config.dicom.host
@@ -114,7 +135,12 @@ class Appliance:
         }
         checks["last_image_received"] = await self.store.read(self.store.index.last_received)
         checks["relay"] = (
-            self.relay_listener.statistics() if self.relay_listener else {"enabled": False}
+            {
+                "listener": self.relay_listener.statistics(),
+                "sender": self.relay_sender.statistics() if self.relay_sender else None,
+            }
+            if self.relay_listener
+            else {"enabled": False}
         )
         checks["pipeline"] = self.pipeline.statistics()
         healthy = checks["storage_port"] and checks["worklist_port"] and checks["disk"]["ok"]
@@ -174,7 +200,8 @@ class Appliance:
         services = []
         if self.config.relay.enabled:
             self.relay_listener = self._relay_listener()
-            services.append((self.relay_listener, self.policy))
+            self.relay_sender = self._relay_sender()
+            services += [(self.relay_listener, self.policy), (self.relay_sender, self.policy)]
         self.supervisor = Supervisor(
             [
                 *services,
@@ -193,6 +220,15 @@ class Appliance:
             # Servers have drained by now (their own shielded cleanup); the stores close last.
             self.store.close()
             self.worklist.close()
+
+
+def outbox_for(config: Config) -> Outbox:
+    return Outbox(
+        {
+            "worklist": lambda: connect(config.state_dir / "worklist.db"),
+            "images": lambda: connect(config.state_dir / "pacs.db"),
+        }
+    )
 
 
 async def _accepts(host: str, port: int | None) -> bool:

@@ -211,37 +211,106 @@ def cmd_dev_relay_emulator(args: argparse.Namespace) -> int:
 
 def cmd_dev_cloud_send(args: argparse.Namespace) -> int:
     """The cloud in the sender role: one action to the appliance, its reply printed."""
-    import time
-    import urllib.parse
-
     from trio_websocket import ConnectionRejected
 
-    from appliance.relay.sas import make_token, resource_uri
-    from appliance.relay.websocket import open_websocket
+    from appliance.relay.cloud import send_action
 
     relay = _load(args).relay
     text = sys.stdin.read() if args.action == "-" else Path(args.action).read_text()
     key = config_module.read_secret(relay.key_file, "relay.key_file")
-    token = make_token(
-        resource_uri(relay.namespace, relay.actions_path),
-        relay.key_name,
-        key,
-        int(time.time() + 300),
-    )
-    query = urllib.parse.urlencode({"sb-hc-action": "connect", "sb-hc-token": token})
-    url = f"{relay.url}/$hc/{relay.actions_path}?{query}"
-
-    async def send() -> str:
-        async with open_websocket(url, max_message_size=16 << 20) as ws:
-            await ws.send_message(text)
-            reply = await ws.get_message()
-            return reply if isinstance(reply, str) else reply.decode()
-
     try:
-        print(trio.run(send))
+        print(
+            trio.run(
+                send_action,
+                relay.url,
+                relay.namespace,
+                relay.actions_path,
+                relay.key_name,
+                key,
+                text,
+            )
+        )
     except ConnectionRejected as exc:
         print(f"cloud send: relay refused with HTTP {exc.status_code}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_dev_cloud_events(args: argparse.Namespace) -> int:
+    """The cloud in the listener role on the events path: acknowledge and print each event."""
+    from appliance.app import _cancel_on_signal
+    from appliance.relay.cloud import acknowledge
+    from appliance.relay.listener import RelayListener
+    from appliance.sdnotify import Notifier
+
+    relay = _load(args).relay
+    key = config_module.read_secret(relay.key_file, "relay.key_file")
+    log.configure("WARNING")
+
+    def show(envelope: dict) -> None:
+        if envelope.get("payload", {}).get("thumbnail"):
+            envelope["payload"]["thumbnail"] = f"<{len(envelope['payload']['thumbnail'])} b64>"
+        print(json.dumps(envelope), flush=True)
+
+    consumer = RelayListener(
+        name="cloud-events",
+        endpoint=relay.url,
+        namespace=relay.namespace,
+        path=relay.events_path,
+        key_name=relay.key_name,
+        key=key,
+        conversation=acknowledge(show),
+    )
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_cancel_on_signal, nursery.cancel_scope, Notifier({}))
+            await nursery.start(consumer.run)
+
+    trio.run(serve)
+    return 0
+
+
+def _outbox(args: argparse.Namespace):
+    from appliance.app import outbox_for
+
+    config = _load(args)
+    # The stores create the tables; opening them once makes the CLI work on a fresh state dir.
+    _config, store = _worklist(args)
+    store.close()
+    from appliance.storage.index import Index
+
+    Index(config.state_dir / "pacs.db").close()
+    return outbox_for(config)
+
+
+def cmd_outbox_list(args: argparse.Namespace) -> int:
+    for row in _outbox(args).listing(include_delivered=args.all):
+        delivered = row["delivered_at"] or "pending"
+        print(
+            f"{row['occurred_at']}  {row['event_type']:24} {row['event_id']}  "
+            f"{row['accession_number'] or '-':16} {delivered}"
+        )
+    return 0
+
+
+def cmd_outbox_retry(args: argparse.Namespace) -> int:
+    if not args.event_id and not args.all:
+        print("outbox retry: name an EVENT_ID or pass --all", file=sys.stderr)
+        return 2
+    count = _outbox(args).retry(None if args.all else args.event_id)
+    print(f"outbox retry: {count} event(s) will be sent again")
+    return 0 if count else 1
+
+
+def cmd_outbox_purge(args: argparse.Namespace) -> int:
+    import datetime
+
+    before = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=args.older_than_days)
+    count = _outbox(args).purge(before.isoformat(timespec="milliseconds"))
+    print(
+        f"outbox purge: {count} delivered event(s) older than {args.older_than_days} days removed"
+    )
     return 0
 
 
@@ -286,6 +355,17 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     cancel = command(worklist_sub, "cancel", "withdraw an item", cmd_worklist_cancel)
     cancel.add_argument("accession")
+    outbox = command(commands, "outbox", "events waiting for, or delivered to, the cloud")
+    outbox_sub = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
+    listing_outbox = command(
+        outbox_sub, "list", "undelivered events, oldest first", cmd_outbox_list
+    )
+    listing_outbox.add_argument("--all", action="store_true", help="include delivered events")
+    retry = command(outbox_sub, "retry", "send delivered events again", cmd_outbox_retry)
+    retry.add_argument("event_id", nargs="?")
+    retry.add_argument("--all", action="store_true")
+    purge = command(outbox_sub, "purge", "delete delivered events", cmd_outbox_purge)
+    purge.add_argument("--older-than-days", type=float, default=30.0)
     dev = command(commands, "dev", "development tools: relay emulator, cloud simulator")
     dev_sub = dev.add_subparsers(dest="dev_command", required=True, metavar="TOOL")
     emulator = command(dev_sub, "relay-emulator", "a local Azure Relay", cmd_dev_relay_emulator)
@@ -300,6 +380,9 @@ def _parser() -> argparse.ArgumentParser:
         cloud_sub, "send", "send one action (a JSON file, or - for stdin)", cmd_dev_cloud_send
     )
     send.add_argument("action")
+    command(
+        cloud_sub, "events", "acknowledge and print the appliance's events", cmd_dev_cloud_events
+    )
     fsck = command(commands, "fsck", "reconcile stored files with the index, repairing", cmd_fsck)
     fsck.add_argument(
         "--verify-hashes", action="store_true", help="re-read every file and check its SHA-256"

@@ -199,6 +199,10 @@ class RelayConfig:
     #: Never the key itself: keys do not belong in a config file.
     key_file: str = ""
     token_lifetime_s: float = field(default=3600.0, validator=_positive)
+    #: Sent with every event; empty means this machine's host name.
+    appliance_id: str = ""
+    #: An event not acknowledged by the cloud within this is sent again on a new connection.
+    ack_timeout_s: float = field(default=30.0, validator=_positive)
     ping_interval_s: float = field(default=30.0, validator=_positive)
     ping_timeout_s: float = field(default=10.0, validator=_positive)
 

@@ -63,3 +63,32 @@ def undelivered(db: sqlite3.Connection) -> tuple[int, str | None]:
         "SELECT count(*), min(occurred_at) FROM events WHERE delivered_at IS NULL"
     ).fetchone()
     return count, oldest
+
+
+def undelivered_batch(db: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
+    rows = db.execute(
+        "SELECT * FROM events WHERE delivered_at IS NULL ORDER BY seq LIMIT ?", (limit,)
+    ).fetchall()
+    return [dict(row) | {"payload": json.loads(row["payload"])} for row in rows]
+
+
+def mark_delivered(db: sqlite3.Connection, event_id: str) -> None:
+    db.execute(
+        "UPDATE events SET delivered_at = ? WHERE event_id = ? AND delivered_at IS NULL",
+        (datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"), event_id),
+    )
+
+
+def mark_undelivered(db: sqlite3.Connection, event_id: str | None) -> int:
+    """`appliance outbox retry`: send again (all delivered events when event_id is None)."""
+    if event_id is None:
+        return db.execute("UPDATE events SET delivered_at = NULL").rowcount
+    return db.execute(
+        "UPDATE events SET delivered_at = NULL WHERE event_id = ?", (event_id,)
+    ).rowcount
+
+
+def purge_delivered(db: sqlite3.Connection, before: str) -> int:
+    return db.execute(
+        "DELETE FROM events WHERE delivered_at IS NOT NULL AND delivered_at < ?", (before,)
+    ).rowcount

@@ -13,13 +13,15 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected
 
+from appliance import synthetic
 from appliance.relay.actions import CloudActions
+from appliance.relay.cloud import acknowledge
 from appliance.relay.emulator import RelayEmulator
 from appliance.relay.listener import RelayListener
 from appliance.relay.sas import make_token, resource_uri
 from appliance.relay.websocket import open_websocket
 from appliance.worklist.store import WorklistStore
-from tests.support import ApplianceProcess, write_config
+from tests.support import ApplianceProcess, send_files, write_config
 
 KEY_NAME = "RootManageSharedAccessKey"
 KEY = b"emulator-test-key"
@@ -256,6 +258,21 @@ async def test_a_cloud_action_reaches_the_modality_worklist_of_the_running_appli
         "ping_interval_s": 2,
         "ping_timeout_s": 1,
     }
+    received: list[dict] = []
+    consumer = RelayListener(
+        name="cloud-events",
+        endpoint=emulator.endpoint,
+        namespace=emulator.namespace,
+        path="events",
+        key_name=KEY_NAME,
+        key=KEY,
+        conversation=acknowledge(received.append),
+    )
+    await nursery.start(consumer.run)
+    image = tmp_path / "lcc.dcm"
+    synthetic.mammogram(shape=(128, 104), accession_number="ACC-R1").save_as(
+        image, enforce_file_format=True
+    )
     app = ApplianceProcess(write_config(tmp_path, {"relay": relay_config}))
     app.start()
     try:
@@ -263,6 +280,8 @@ async def test_a_cloud_action_reaches_the_modality_worklist_of_the_running_appli
         await wait_until(lambda: emulator.listener_count("actions") == 1)
         with trio.fail_after(30):
             created = await cloud_send(emulator, create_item("e2e-1"))
+            [stored] = await trio.to_thread.run_sync(send_files, app.ports["storage"], [image])
+            await wait_until(lambda: len(received) >= 2)
             health_reply = await cloud_send(emulator, {"action_type": "health", "action_id": "h"})
         found = await trio.to_thread.run_sync(
             lambda: subprocess.run(
@@ -291,4 +310,9 @@ async def test_a_cloud_action_reaches_the_modality_worklist_of_the_running_appli
     health_checks = health_reply["health"]["checks"]
     assert health_reply["health"]["healthy"] is True
     assert (health_checks["storage_port"], health_checks["worklist_port"]) == (True, True)
-    assert health_checks["relay"]["connected"] is True
+    assert health_checks["relay"]["listener"]["connected"] is True
+    assert stored.Status == 0x0000
+    assert [e["event_type"] for e in received] == ["worklist.status_changed", "image.received"]
+    assert {e["source_message_id"] for e in received} == {"e2e-1"}
+    assert received[1]["payload"]["thumbnail"]
+    assert len({e["event_id"] for e in received}) == 2

@@ -51,7 +51,8 @@ class RelayListener:
         path: str,
         key_name: str,
         key: bytes,
-        handle: Callable[[str], Awaitable[str]],
+        handle: Callable[[str], Awaitable[str]] | None = None,
+        conversation: Callable[[WebSocketConnection], Awaitable[None]] | None = None,
         token_lifetime: float = 3600.0,
         ping_interval: float = 30.0,
         ping_timeout: float = 10.0,
@@ -65,6 +66,8 @@ class RelayListener:
         self._key_name = key_name
         self._key = key
         self._handle = handle
+        #: What happens on an accepted connection: by default one action, one reply.
+        self._conversation = conversation or self._one_action
         self._lifetime = token_lifetime
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
@@ -185,16 +188,17 @@ class RelayListener:
             async with open_websocket(
                 address, max_message_size=MAX_MESSAGE, disconnect_timeout=2
             ) as rendezvous:
-                request = await rendezvous.get_message()
-                reply = await self._handle(
-                    request if isinstance(request, str) else request.decode("utf-8", "replace")
-                )
-                await rendezvous.send_message(reply)
                 self.accepted += 1
+                await self._conversation(rendezvous)
         except (HandshakeError, ConnectionClosed, OSError) as exc:
             self._failed("rendezvous", f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # an action's failure must not take the listener down
             self._failed("action", f"{type(exc).__name__}: {exc}")
+
+    async def _one_action(self, rendezvous: WebSocketConnection) -> None:
+        request = await rendezvous.get_message()
+        text = request if isinstance(request, str) else request.decode("utf-8", "replace")
+        await rendezvous.send_message(await self._handle(text))
 
     async def _request(self, control: WebSocketConnection, request: dict) -> None:
         """HTTP request mode, small bodies inline on the control channel."""
