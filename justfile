@@ -34,3 +34,7 @@ fmt: bootstrap
 # Benchmarks against dcmtk peers on the same data, same run (prints ratios)
 bench *ARGS: bootstrap
     {{bin}}/python -m tests.bench {{ARGS}}
+
+# The whole round trip with real processes: relay emulator, appliance, cloud, a simulated unit
+demo: bootstrap
+    {{bin}}/python -m appliance.demo

@@ -19,6 +19,7 @@ from appliance.dicom.server import DicomServer, TrioDoor
 from appliance.dicom.storage_scp import STORAGE_CONTEXTS, StorageSCP
 from appliance.dicom.worklist_scp import WORKLIST_CONTEXTS, WorklistSCP
 from appliance.log import get_logger
+from appliance.modality import ModalitySimulator
 from appliance.pipeline.service import ImagePipeline
 from appliance.relay.actions import CloudActions
 from appliance.relay.listener import RelayListener
@@ -85,7 +86,7 @@ class Appliance:
 
     def _relay_listener(self) -> RelayListener:
         relay = self.config.relay
-        actions = CloudActions(self.worklist, self.health)
+        actions = CloudActions(self.worklist, self.health, simulator=self._simulator)
         return RelayListener(
             name="relay-listener",
             endpoint=relay.url,
@@ -97,6 +98,17 @@ class Appliance:
             token_lifetime=relay.token_lifetime_s,
             ping_interval=relay.ping_interval_s,
             ping_timeout=relay.ping_timeout_s,
+        )
+
+    def _simulator(self) -> ModalitySimulator:
+        """A simulated unit aimed at this appliance's own ports."""
+        dicom = self.config.dicom
+        return ModalitySimulator(
+            host="127.0.0.1" if dicom.host == "0.0.0.0" else dicom.host,
+            worklist_port=self.worklist_server.bound_port,
+            storage_port=self.storage_server.bound_port,
+            worklist_ae=dicom.worklist.ae_title,
+            storage_ae=dicom.storage.ae_title,
         )
 
     def _relay_sender(self) -> RelaySender:

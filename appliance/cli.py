@@ -236,6 +236,28 @@ def cmd_dev_cloud_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dev_modality(args: argparse.Namespace) -> int:
+    """A simulated mammography unit performing one worklist item against the configured ports."""
+    from appliance.modality import ModalitySimulator, SimulationError
+
+    dicom = _load(args).dicom
+    unit = ModalitySimulator(
+        host=args.host or ("127.0.0.1" if dicom.host == "0.0.0.0" else dicom.host),
+        worklist_port=dicom.worklist.port,
+        storage_port=dicom.storage.port,
+        worklist_ae=dicom.worklist.ae_title,
+        storage_ae=dicom.storage.ae_title,
+        calling_ae=args.calling_ae,
+    )
+    try:
+        stored = unit.run(args.accession, progress=print)
+    except SimulationError as exc:
+        print(f"modality: failed at phase {exc.phase}: {exc}", file=sys.stderr)
+        return 1
+    print(f"modality: done, {len(stored)} instances stored")
+    return 0
+
+
 def cmd_dev_cloud_events(args: argparse.Namespace) -> int:
     """The cloud in the listener role on the events path: acknowledge and print each event."""
     from appliance.app import _cancel_on_signal
@@ -374,6 +396,12 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument("--namespace", default="", help="default: HOST:PORT")
     emulator.add_argument("--key-name", default="RootManageSharedAccessKey")
     emulator.add_argument("--key-file", required=True)
+    modality = command(
+        dev_sub, "modality", "a simulated unit performs one worklist item", cmd_dev_modality
+    )
+    modality.add_argument("accession")
+    modality.add_argument("--host", default="", help="default: the configured dicom.host")
+    modality.add_argument("--calling-ae", default="SIMULATOR")
     cloud = command(dev_sub, "cloud", "the cloud's side of the relay")
     cloud_sub = cloud.add_subparsers(dest="cloud_command", required=True, metavar="ACTION")
     send = command(

@@ -244,10 +244,8 @@ async def test_expired_token_closes_the_channel_with_1008(tmp_path, nursery):
     worklist.close()
 
 
-@pytest.mark.usefixtures("dcmtk")
-async def test_a_cloud_action_reaches_the_modality_worklist_of_the_running_appliance(
-    tmp_path, nursery
-):
+async def cloud_and_appliance(tmp_path, nursery):
+    """The emulator, a cloud consumer acknowledging events, and the appliance with its relay."""
     emulator = await nursery.start(RelayEmulator({KEY_NAME: KEY}).run)
     (tmp_path / "relay.key").write_bytes(KEY + b"\n")
     relay_config = {
@@ -269,15 +267,23 @@ async def test_a_cloud_action_reaches_the_modality_worklist_of_the_running_appli
         conversation=acknowledge(received.append),
     )
     await nursery.start(consumer.run)
+    app = ApplianceProcess(write_config(tmp_path, {"relay": relay_config}))
+    app.start()
+    await trio.to_thread.run_sync(app.wait_ready)
+    await wait_until(lambda: emulator.listener_count("actions") == 1)
+    return emulator, received, app
+
+
+@pytest.mark.usefixtures("dcmtk")
+async def test_a_cloud_action_reaches_the_modality_worklist_of_the_running_appliance(
+    tmp_path, nursery
+):
+    emulator, received, app = await cloud_and_appliance(tmp_path, nursery)
     image = tmp_path / "lcc.dcm"
     synthetic.mammogram(shape=(128, 104), accession_number="ACC-R1").save_as(
         image, enforce_file_format=True
     )
-    app = ApplianceProcess(write_config(tmp_path, {"relay": relay_config}))
-    app.start()
     try:
-        await trio.to_thread.run_sync(app.wait_ready)
-        await wait_until(lambda: emulator.listener_count("actions") == 1)
         with trio.fail_after(30):
             created = await cloud_send(emulator, create_item("e2e-1"))
             [stored] = await trio.to_thread.run_sync(send_files, app.ports["storage"], [image])
@@ -316,3 +322,26 @@ async def test_a_cloud_action_reaches_the_modality_worklist_of_the_running_appli
     assert {e["source_message_id"] for e in received} == {"e2e-1"}
     assert received[1]["payload"]["thumbnail"]
     assert len({e["event_id"] for e in received}) == 2
+
+
+@pytest.mark.usefixtures("dcmtk")
+async def test_create_test_item_runs_a_simulated_unit_whose_events_reach_the_cloud(
+    tmp_path, nursery
+):
+    emulator, received, app = await cloud_and_appliance(tmp_path, nursery)
+    action = create_item("test-participant-1", accession="TEST-0001")
+    action["action_type"] = "worklist.create_test_item"
+    try:
+        with trio.fail_after(60):
+            reply = await cloud_send(emulator, action)
+            await wait_until(lambda: len(received) >= 6)
+    finally:
+        app.__exit__()
+    assert (reply["status"], reply["test"]) == ("created", True)
+    assert len(reply["stored_instances"]) == 4
+    kinds = [event["event_type"] for event in received]
+    assert kinds[0] == "mpps.in_progress"
+    assert kinds.count("image.received") == 4
+    assert "mpps.completed" in kinds
+    assert all(event["payload"]["test"] is True for event in received)
+    assert {event["source_message_id"] for event in received} == {"test-participant-1"}

@@ -125,7 +125,7 @@ class ImagePipeline:
         except Exception as exc:  # any failure is this image's, never the service's
             await self._failed(item, exc, source_message_id)
             return
-        payload = self._payload(item)
+        payload = self._payload(item) | {"test": bool(linked and linked.is_test)}
         thumbnail_path = preview_path = None
         if jpegs is not None:
             stem = item.storage_path.removesuffix(".dcm")

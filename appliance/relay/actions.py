@@ -13,10 +13,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import cattrs
+import trio
 from attrs import frozen
 
 from appliance.config import strict_converter
 from appliance.log import get_logger
+from appliance.modality import ModalitySimulator, SimulationError
 from appliance.worklist.store import CANCELLED, WorklistError, WorklistItem, WorklistStore
 
 log = get_logger("relay")
@@ -101,12 +103,17 @@ def _sex(value: str) -> str:
 
 class CloudActions:
     def __init__(
-        self, worklist: WorklistStore, health: Callable[[], Awaitable[dict[str, Any]]]
+        self,
+        worklist: WorklistStore,
+        health: Callable[[], Awaitable[dict[str, Any]]],
+        simulator: Callable[[], ModalitySimulator] | None = None,
     ) -> None:
         self._worklist = worklist
         self._health = health
+        self._simulator = simulator
         self._handlers = {
             "worklist.create_item": self._create_item,
+            "worklist.create_test_item": self._create_test_item,
             "worklist.update_status": self._update_status,
             "worklist.cancel_item": self._cancel_item,
             "health": self._report_health,
@@ -142,7 +149,7 @@ class CloudActions:
             log.warning("action.refused", phase="action", action_id=action_id, reason=str(exc))
         return json.dumps({**reply, "action_id": action_id})
 
-    async def _create_item(self, parameters: Any, message: dict) -> dict:
+    async def _create_item(self, parameters: Any, message: dict, test: bool = False) -> dict:
         new = _structure(parameters, CreateItem).worklist_item
         item = WorklistItem(
             accession_number=new.accession_number,
@@ -154,9 +161,23 @@ class CloudActions:
             modality=new.procedure.modality,
             study_description=new.procedure.study_description,
             source_message_id=message.get("action_id"),
+            is_test=test,
         )
         result, stored = await self._worklist.write(self._worklist.create, item)
         return {"status": result, "study_instance_uid": stored.study_instance_uid}
+
+    async def _create_test_item(self, parameters: Any, message: dict) -> dict:
+        """The end-to-end test participant: the item, then a simulated unit performing it."""
+        if self._simulator is None:
+            raise ActionError("the modality simulator is not available here")
+        reply = await self._create_item(parameters, message, test=True)
+        accession = parameters["worklist_item"]["accession_number"]
+        simulator = self._simulator()
+        try:
+            stored = await trio.to_thread.run_sync(simulator.run, accession)
+        except SimulationError as exc:
+            return {"status": "error", "phase": exc.phase, "message": str(exc), "test": True}
+        return reply | {"test": True, "stored_instances": stored}
 
     async def _update_status(self, parameters: Any, message: dict) -> dict:
         change = _structure(parameters, UpdateStatus).worklist_item

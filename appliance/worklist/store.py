@@ -275,7 +275,7 @@ class WorklistStore:
         events.insert(
             db,
             event_type,
-            payload,
+            payload | {"test": bool(item and item.is_test)},
             accession_number=item.accession_number if item else accession_number,
             source_message_id=item.source_message_id if item else None,
         )

@@ -1,0 +1,171 @@
+"""A mammography unit, simulated: what a radiographer's machine does for one participant.
+
+Worklist query for the accession -> MPPS N-CREATE (IN PROGRESS) -> C-STORE of a synthetic
+four-view study built from the worklist answer -> MPPS N-SET (COMPLETED) listing the images.
+Used by the `worklist.create_test_item` action, `appliance dev modality` and the demo. Each step
+is a named phase; a failure raises SimulationError naming it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from attrs import frozen
+from pydicom import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    DigitalMammographyXRayImageStorageForPresentation,
+    ModalityPerformedProcedureStep,
+    ModalityWorklistInformationFind,
+)
+
+from appliance import synthetic
+
+
+class SimulationError(Exception):
+    def __init__(self, phase: str, detail: str) -> None:
+        super().__init__(f"{phase}: {detail}")
+        self.phase = phase
+
+
+@frozen
+class ModalitySimulator:
+    host: str
+    worklist_port: int
+    storage_port: int
+    worklist_ae: str = "SCREENING_MWL"
+    storage_ae: str = "SCREENING_PACS"
+    calling_ae: str = "SIMULATOR"
+    shape: tuple[int, int] = (1024, 832)
+
+    def _associate(self, contexts: list[str], port: int, called: str, phase: str):
+        ae = AE(self.calling_ae)
+        for context in contexts:
+            ae.add_requested_context(context)
+        assoc = ae.associate(self.host, port, ae_title=called)
+        if not assoc.is_established:
+            raise SimulationError(phase, f"no association with {called} at {self.host}:{port}")
+        return assoc
+
+    def query(self, accession: str) -> Dataset:
+        query = Dataset()
+        query.AccessionNumber = accession
+        for keyword in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "PatientSex",
+            "StudyInstanceUID",
+        ):
+            setattr(query, keyword, "")
+        step = Dataset()
+        step.ScheduledProcedureStepID = ""
+        step.Modality = ""
+        query.ScheduledProcedureStepSequence = [step]
+        assoc = self._associate(
+            [ModalityWorklistInformationFind],
+            self.worklist_port,
+            self.worklist_ae,
+            "worklist query",
+        )
+        try:
+            answers = [
+                answer
+                for status, answer in assoc.send_c_find(query, ModalityWorklistInformationFind)
+                if status and status.Status in (0xFF00, 0xFF01) and answer is not None
+            ]
+        finally:
+            assoc.release()
+        if len(answers) != 1:
+            raise SimulationError("worklist query", f"{len(answers)} items for {accession}")
+        return answers[0]
+
+    def run(self, accession: str, progress: Callable[[str], None] = lambda line: None) -> list[str]:
+        started = time.monotonic()
+        item = self.query(accession)
+        progress(f"worklist query: found {accession}")
+        mpps_uid = generate_uid(synthetic.UID_ROOT)
+        assoc = self._associate(
+            [ModalityPerformedProcedureStep], self.worklist_port, self.worklist_ae, "mpps start"
+        )
+        try:
+            self._mpps_start(assoc, item, mpps_uid)
+            progress("mpps: IN PROGRESS")
+            stored = self._store(item)
+            progress(f"store: {len(stored)} views stored")
+            self._mpps_complete(assoc, mpps_uid, stored)
+            progress(f"mpps: COMPLETED ({time.monotonic() - started:.1f} s)")
+        finally:
+            assoc.release()
+        return stored
+
+    def _mpps_start(self, assoc, item: Dataset, mpps_uid: str) -> None:
+        step = Dataset()
+        step.AccessionNumber = item.AccessionNumber
+        step.ScheduledProcedureStepID = item.ScheduledProcedureStepSequence[0].get(
+            "ScheduledProcedureStepID", item.AccessionNumber
+        )
+        step.StudyInstanceUID = item.StudyInstanceUID
+        ds = Dataset()
+        ds.ScheduledStepAttributesSequence = [step]
+        ds.PatientName, ds.PatientID = item.PatientName, item.PatientID
+        ds.PerformedProcedureStepStatus = "IN PROGRESS"
+        ds.PerformedProcedureStepID = mpps_uid[-16:]
+        ds.PerformedStationAETitle = self.calling_ae
+        ds.PerformedProcedureStepStartDate = time.strftime("%Y%m%d")
+        ds.PerformedProcedureStepStartTime = time.strftime("%H%M%S")
+        ds.Modality = "MG"
+        ds.PerformedSeriesSequence = []
+        status, _ = assoc.send_n_create(ds, ModalityPerformedProcedureStep, mpps_uid)
+        if not status or status.Status != 0x0000:
+            raise SimulationError("mpps start", f"N-CREATE status {status.get('Status')}")
+
+    def _store(self, item: Dataset) -> list[str]:
+        assoc = self._associate(
+            [DigitalMammographyXRayImageStorageForPresentation],
+            self.storage_port,
+            self.storage_ae,
+            "store",
+        )
+        stored = []
+        try:
+            series = generate_uid(synthetic.UID_ROOT)
+            for number, (laterality, view) in enumerate(synthetic.SCREENING_VIEWS, start=1):
+                ds = synthetic.mammogram(
+                    laterality=laterality,
+                    view=view,
+                    shape=self.shape,
+                    patient_id=str(item.PatientID),
+                    patient_name=str(item.PatientName),
+                    accession_number=str(item.AccessionNumber),
+                    study_instance_uid=str(item.StudyInstanceUID),
+                    series_instance_uid=series,
+                )
+                ds.InstanceNumber = number
+                status = assoc.send_c_store(ds)
+                if not status or status.Status != 0x0000:
+                    raise SimulationError("store", f"{laterality}{view}: status {status}")
+                stored.append(str(ds.SOPInstanceUID))
+        finally:
+            assoc.release()
+        return stored
+
+    def _mpps_complete(self, assoc, mpps_uid: str, stored: list[str]) -> None:
+        ds = Dataset()
+        ds.PerformedProcedureStepStatus = "COMPLETED"
+        ds.PerformedProcedureStepEndDate = time.strftime("%Y%m%d")
+        ds.PerformedProcedureStepEndTime = time.strftime("%H%M%S")
+        series = Dataset()
+        series.SeriesInstanceUID = generate_uid(synthetic.UID_ROOT)
+        series.ReferencedImageSequence = []
+        for uid in stored:
+            reference = Dataset()
+            reference.ReferencedSOPClassUID = synthetic.MG_FOR_PRESENTATION
+            reference.ReferencedSOPInstanceUID = uid
+            series.ReferencedImageSequence.append(reference)
+        ds.PerformedSeriesSequence = [series]
+        status, _ = assoc.send_n_set(ds, ModalityPerformedProcedureStep, mpps_uid)
+        if not status or status.Status != 0x0000:
+            raise SimulationError("mpps complete", f"N-SET status {status.get('Status')}")
