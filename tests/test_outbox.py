@@ -3,6 +3,7 @@ never twice to a consumer that acknowledges."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -164,3 +165,21 @@ def test_outbox_command_lists_retries_and_purges(tmp_path):
     assert ids[0] in outbox("list").stdout
     assert outbox("retry").returncode == 2
     assert "0 delivered event(s)" in outbox("purge").stdout
+
+
+async def test_events_wait_out_a_relay_that_is_down_entirely(tmp_path, nursery):
+    outbox = make_state(tmp_path)
+    ids = add_events(tmp_path, 4)
+    with socket.socket() as probe:  # a port with nothing behind it yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    waiting = RelayEmulator({KEY_NAME: KEY})
+    waiting.port, waiting._namespace = port, f"127.0.0.1:{port}"
+    relay_sender = sender(waiting, outbox)
+    await nursery.start(relay_sender.run)
+    await wait_until(lambda: relay_sender.failures["connect"] >= 2)  # connection refused
+    emulator = await nursery.start(RelayEmulator({KEY_NAME: KEY}).run, "127.0.0.1", port)
+    received: list[dict] = []
+    await nursery.start(consumer(emulator, acknowledge(received.append)).run)
+    await wait_until(lambda: len(received) == 4)
+    assert [e["event_id"] for e in received] == ids

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import signal
 import subprocess
 import time
 import urllib.parse
@@ -345,3 +346,65 @@ async def test_create_test_item_runs_a_simulated_unit_whose_events_reach_the_clo
     assert "mpps.completed" in kinds
     assert all(event["payload"]["test"] is True for event in received)
     assert {event["source_message_id"] for event in received} == {"test-participant-1"}
+
+
+async def test_a_dropped_rendezvous_is_counted_and_the_next_action_is_served(relay, nursery):
+    listener = await relay.listening(nursery)
+    relay.emulator.drop_rendezvous = 1
+    with trio.fail_after(20):
+        with pytest.raises(ConnectionRejected) as cut:
+            await cloud_send(relay.emulator, create_item("lost"))
+        served = await cloud_send(relay.emulator, create_item("served"))
+    assert cut.value.status_code == 502
+    assert listener.failures["rendezvous"] == 1
+    assert served["status"] == "created"
+    assert listener.connected
+
+
+@pytest.mark.usefixtures("dcmtk")
+async def test_undelivered_events_survive_an_appliance_kill_and_are_delivered_once(
+    tmp_path, nursery
+):
+    emulator = await nursery.start(RelayEmulator({KEY_NAME: KEY}).run)
+    (tmp_path / "relay.key").write_bytes(KEY)
+    relay_config = {
+        "enabled": True,
+        "namespace": emulator.namespace,
+        "endpoint": emulator.endpoint,
+        "key_file": str(tmp_path / "relay.key"),
+        "ping_interval_s": 2,
+        "ping_timeout_s": 1,
+    }
+    config = write_config(tmp_path, {"relay": relay_config})
+    image = tmp_path / "one.dcm"
+    synthetic.mammogram(shape=(128, 104)).save_as(image, enforce_file_format=True)
+    first = ApplianceProcess(config)
+    first.start()
+    try:  # the cloud is away: the event waits in the outbox
+        await trio.to_thread.run_sync(first.wait_ready)
+        [stored] = await trio.to_thread.run_sync(send_files, first.ports["storage"], [image])
+        assert stored.Status == 0x0000
+        await wait_until(lambda: "event=image.processed" in first.log())
+        first.stop(signal.SIGKILL)
+    finally:
+        first.__exit__()
+    received: list[dict] = []
+    consumer = RelayListener(
+        name="cloud-events",
+        endpoint=emulator.endpoint,
+        namespace=emulator.namespace,
+        path="events",
+        key_name=KEY_NAME,
+        key=KEY,
+        conversation=acknowledge(received.append),
+    )
+    await nursery.start(consumer.run)
+    second = ApplianceProcess(config)
+    second.start()
+    try:
+        await trio.to_thread.run_sync(second.wait_ready)
+        await wait_until(lambda: len(received) >= 1)
+        await trio.sleep(1)  # time for a duplicate to show up, if one were coming
+    finally:
+        second.__exit__()
+    assert [e["event_type"] for e in received] == ["image.received"]

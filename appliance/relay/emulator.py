@@ -9,7 +9,8 @@ control channel extends it; an expired token closes the channel with 1008. A sen
 listener gets HTTP 404, a bad token 401.
 
 Faults for tests: `freeze()` stops all traffic without closing anything (a zombie connection:
-no pongs, no close, as in the NHS gateway's overnight failure), `drop()` cuts every connection.
+no pongs, no close, as in the NHS gateway's overnight failure), `drop()` cuts every connection,
+`drop_rendezvous = N` cuts the next N rendezvous dials.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class RelayEmulator:
         self.port: int | None = None
         #: (phase, detail) of everything refused, for tests and the console
         self.refusals: list[tuple[str, str]] = []
+        #: Fault: the next N rendezvous dials are cut as they arrive.
+        self.drop_rendezvous = 0
 
     # --- faults -------------------------------------------------------------------------------
 
@@ -276,6 +279,13 @@ class RelayEmulator:
 
     async def _rendezvous_arrives(self, request: WebSocketRequest, query: dict) -> None:
         rendezvous = self._rendezvous.get(query.get("sb-hc-id", ""))
+        if rendezvous is not None and self.drop_rendezvous > 0:
+            self.drop_rendezvous -= 1
+            self.refusals.append(("rendezvous-dropped", query.get("sb-hc-id", "")))
+            rendezvous.rejected = (502, "rendezvous dropped")
+            rendezvous.arrived.set()
+            await request.reject(502, body=b"rendezvous dropped")
+            return
         if rendezvous is None:
             await request.reject(404, body=b"no such rendezvous")
             return
