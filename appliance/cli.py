@@ -10,7 +10,7 @@ from pathlib import Path
 import trio
 
 from appliance import config as config_module
-from appliance import log
+from appliance import errors, log
 from appliance.config import Config, ConfigError
 
 
@@ -22,18 +22,10 @@ def _load(args: argparse.Namespace) -> Config:
     return config_module.load(_config_path(args))
 
 
-def _leaves(exc: BaseException):
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from appliance.app import serve
     from appliance.sdnotify import Notifier
-    from appliance.supervisor import RestartBudgetExceeded, describe_error
+    from appliance.supervisor import RestartBudgetExceeded
 
     config = _load(args)
     config_module.effective(config)  # secrets readable now, or exit 2 naming the key
@@ -43,7 +35,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         trio.run(serve, config, notifier)
     except* RestartBudgetExceeded as group:
-        for exc in _leaves(group):
+        for exc in errors.leaves(group):
             log.get_logger("appliance").error(
                 "appliance.failed", phase="supervision", service_name=exc.service, error=str(exc)
             )
@@ -51,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except* Exception as group:
         # Anything else escaping the supervisor is a startup failure (state dir, index, ...).
         log.get_logger("appliance").exception(
-            "appliance.failed", phase="startup", error=describe_error(group)
+            "appliance.failed", phase="startup", error=errors.describe(group)
         )
         status = 1
     finally:

@@ -18,6 +18,7 @@ import attrs
 import trio
 from attrs import frozen
 
+from appliance import errors
 from appliance.log import get_logger
 from appliance.sdnotify import Notifier
 
@@ -69,13 +70,6 @@ class ServiceState:
     def enter(self, state: Literal["starting", "up", "restarting"]) -> None:
         self.state = state
         self.since = time.time()
-
-
-def describe_error(exc: BaseException) -> str:
-    """A one-line cause for status output: the leaves of a group, not the nursery's wrapper."""
-    if isinstance(exc, BaseExceptionGroup):
-        return "; ".join(describe_error(inner) for inner in exc.exceptions)
-    return f"{type(exc).__name__}: {exc}"
 
 
 class Supervisor:
@@ -152,7 +146,7 @@ class Supervisor:
                 failures.append(now)
                 while failures[0] <= now - policy.window:
                     failures.popleft()
-                state.last_error = describe_error(exc)
+                state.last_error = errors.describe(exc)
                 if len(failures) > policy.max_restarts:
                     log.exception(
                         "service.gave_up", service_name=service.name, failures=len(failures)

@@ -11,11 +11,8 @@ control-channel, accept, rendezvous, action.
 
 from __future__ import annotations
 
-import collections
 import json
-import random
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -27,21 +24,17 @@ from trio_websocket import (
 )
 
 from appliance.log import get_logger
-from appliance.relay.sas import make_token, resource_uri
+from appliance.relay.client import BACKOFF, MAX_MESSAGE, RelayClient
 from appliance.relay.websocket import open_websocket
 
 log = get_logger("relay")
-
-#: Reconnect delays (seconds), jittered; the last repeats.
-BACKOFF = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
-MAX_MESSAGE = 16 * 1024 * 1024
 
 
 class HybridConnectionMissing(Exception):
     """404 on the listen handshake: the hybrid connection does not exist (configuration)."""
 
 
-class RelayListener:
+class RelayListener(RelayClient):
     def __init__(
         self,
         *,
@@ -59,23 +52,23 @@ class RelayListener:
         backoff: tuple[float, ...] = BACKOFF,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.name = name
-        self._endpoint = endpoint.rstrip("/")
-        self._resource = resource_uri(namespace, path)
-        self._path = path
-        self._key_name = key_name
-        self._key = key
+        super().__init__(
+            name=name,
+            endpoint=endpoint,
+            namespace=namespace,
+            path=path,
+            key_name=key_name,
+            key=key,
+            token_lifetime=token_lifetime,
+            backoff=backoff,
+            clock=clock,
+        )
         self._handle = handle
         #: What happens on an accepted connection: by default one action, one reply.
         self._conversation = conversation or self._one_action
-        self._lifetime = token_lifetime
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
-        self._backoff = backoff
-        self._clock = clock
-        self.connected = False
         self.last_contact: float | None = None
-        self.failures: collections.Counter[str] = collections.Counter()
         self.accepted = 0
 
     def statistics(self) -> dict:
@@ -86,28 +79,15 @@ class RelayListener:
             "accepted": self.accepted,
         }
 
-    def _token(self) -> tuple[str, float]:
-        expiry = int(self._clock() + self._lifetime)
-        return make_token(self._resource, self._key_name, self._key, expiry), expiry
-
-    def _failed(self, phase: str, error: object) -> None:
-        self.failures[phase] += 1
-        log.warning("relay.failed", listener=self.name, phase=phase, error=str(error)[:300])
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # Started at once: DICOM service must not wait for the cloud; status shows the relay.
         task_status.started()
-        attempt = 0
         while True:
             try:
-                token, expiry = self._token()
+                url, expiry = self._url("listen", **{"sb-hc-id": self.name})
             except Exception as exc:
                 self._failed("sas-token", exc)
                 raise
-            query = urllib.parse.urlencode(
-                {"sb-hc-action": "listen", "sb-hc-id": self.name, "sb-hc-token": token}
-            )
-            url = f"{self._endpoint}/$hc/{urllib.parse.quote(self._path)}?{query}"
             try:
                 async with open_websocket(
                     url,
@@ -116,26 +96,19 @@ class RelayListener:
                     # a zombie channel will not answer a close either: don't wait for it long
                     disconnect_timeout=min(2.0, self._ping_timeout),
                 ) as control:
-                    attempt = 0
-                    self.connected = True
+                    self._connected()
                     self.last_contact = self._clock()
                     log.info("relay.listening", listener=self.name, path=self._path)
                     await self._serve(control, expiry)
             except ConnectionRejected as exc:
-                if exc.status_code == 404:
-                    self._failed("handshake", f"hybrid connection {self._path} not found (404)")
+                self._rejected(exc, not_found="handshake")
+                if exc.status_code == 404:  # no such hybrid connection: configuration
                     raise HybridConnectionMissing(self._path) from exc
-                phase = "sas-token" if exc.status_code in (401, 403) else "handshake"
-                self._failed(phase, f"HTTP {exc.status_code}: {(exc.body or b'').decode()[:200]}")
             except ConnectionClosed as exc:
                 self._failed("control-channel", f"closed {exc.reason.code} {exc.reason.reason}")
             except (HandshakeError, OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
                 self._failed("connect", f"{type(exc).__name__}: {exc}")
-            finally:
-                self.connected = False
-            delay = self._backoff[min(attempt, len(self._backoff) - 1)] * random.uniform(0.8, 1.2)
-            attempt += 1
-            await trio.sleep(delay)
+            await self._back_off()
 
     async def _serve(self, control: WebSocketConnection, expiry: float) -> None:
         async with trio.open_nursery() as nursery:

@@ -9,20 +9,16 @@ token problem) the sender retries with backoff for ever: outages only delay deli
 
 from __future__ import annotations
 
-import collections
 import json
-import random
 import time
-import urllib.parse
 from collections.abc import Callable
 
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
 from appliance.log import get_logger
-from appliance.relay.listener import BACKOFF, MAX_MESSAGE
+from appliance.relay.client import BACKOFF, MAX_MESSAGE, RelayClient
 from appliance.relay.outbox import Outbox
-from appliance.relay.sas import make_token, resource_uri
 from appliance.relay.websocket import open_websocket
 
 log = get_logger("relay")
@@ -30,9 +26,7 @@ log = get_logger("relay")
 IDLE_POLL = 0.5
 
 
-class RelaySender:
-    name = "relay-sender"
-
+class RelaySender(RelayClient):
     def __init__(
         self,
         *,
@@ -49,22 +43,23 @@ class RelaySender:
         backoff: tuple[float, ...] = BACKOFF,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__(
+            name="relay-sender",
+            endpoint=endpoint,
+            namespace=namespace,
+            path=path,
+            key_name=key_name,
+            key=key,
+            token_lifetime=token_lifetime,
+            backoff=backoff,
+            clock=clock,
+        )
         self._outbox = outbox
-        self._endpoint = endpoint.rstrip("/")
-        self._resource = resource_uri(namespace, path)
-        self._path = path
-        self._key_name = key_name
-        self._key = key
         self._appliance_id = appliance_id
-        self._lifetime = token_lifetime
         self._ack_timeout = ack_timeout
         self._ping_interval = ping_interval
-        self._backoff = backoff
-        self._clock = clock
-        self.connected = False
         self.sent = 0
         self.last_ack: float | None = None
-        self.failures: collections.Counter[str] = collections.Counter()
 
     def statistics(self) -> dict:
         return {
@@ -74,48 +69,28 @@ class RelaySender:
             "failures_by_phase": dict(self.failures),
         }
 
-    def _failed(self, phase: str, error: object) -> None:
-        self.failures[phase] += 1
-        log.warning("relay.failed", sender=self.name, phase=phase, error=str(error)[:300])
-
-    def _url(self) -> str:
-        token = make_token(
-            self._resource, self._key_name, self._key, int(self._clock() + self._lifetime)
-        )
-        query = urllib.parse.urlencode({"sb-hc-action": "connect", "sb-hc-token": token})
-        return f"{self._endpoint}/$hc/{urllib.parse.quote(self._path)}?{query}"
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        attempt = 0
         while True:
             if not await trio.to_thread.run_sync(self._outbox.pending, 1):
                 await trio.sleep(IDLE_POLL)  # nothing to send: no connection kept idle
                 continue
+            url, _expiry = self._url("connect")
             try:
                 async with open_websocket(
-                    self._url(), max_message_size=MAX_MESSAGE, disconnect_timeout=2
+                    url, max_message_size=MAX_MESSAGE, disconnect_timeout=2
                 ) as connection:
-                    self.connected = True
-                    attempt = 0
+                    self._connected()
                     await self._deliver(connection)
-            except ConnectionRejected as exc:
-                if exc.status_code == 404:
-                    self._failed("connect", "no listener on the events hybrid connection (404)")
-                else:
-                    phase = "sas-token" if exc.status_code in (401, 403) else "handshake"
-                    self._failed(phase, f"HTTP {exc.status_code}")
+            except ConnectionRejected as exc:  # 404: no listener on the events connection
+                self._rejected(exc, not_found="connect")
             except ConnectionClosed as exc:
                 self._failed("send", f"connection closed {exc.reason.code} {exc.reason.reason}")
             except trio.TooSlowError:
                 self._failed("ack", f"no ack within {self._ack_timeout:g} s")
             except (HandshakeError, OSError, trio.BrokenResourceError) as exc:
                 self._failed("connect", f"{type(exc).__name__}: {exc}")
-            finally:
-                self.connected = False
-            delay = self._backoff[min(attempt, len(self._backoff) - 1)] * random.uniform(0.8, 1.2)
-            attempt += 1
-            await trio.sleep(delay)
+            await self._back_off()
 
     async def _deliver(self, connection) -> None:
         idle_since = trio.current_time()

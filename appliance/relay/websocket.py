@@ -21,6 +21,8 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
+from appliance import errors
+
 
 @contextlib.asynccontextmanager
 async def open_websocket(
@@ -61,15 +63,7 @@ async def open_websocket(
     except BaseExceptionGroup as group:
         # trio-websocket's reader task reports a rejected handshake or a closed connection from
         # inside our nursery; callers handle those as the plain exceptions they are.
-        leaves = list(_leaves(group))
+        leaves = list(errors.leaves(group))
         if leaves and all(isinstance(e, HandshakeError | ConnectionClosed) for e in leaves):
             raise leaves[0] from None
         raise
-
-
-def _leaves(group: BaseException):
-    if isinstance(group, BaseExceptionGroup):
-        for inner in group.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield group

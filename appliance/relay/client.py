@@ -1,0 +1,84 @@
+"""What the listener and the sender share: credentials and URLs, failures counted by phase,
+and the reconnect backoff (roughly 0, 1, 2, 5, 10, 30 s, jittered)."""
+
+from __future__ import annotations
+
+import collections
+import random
+import time
+import urllib.parse
+from collections.abc import Callable
+
+import trio
+from trio_websocket import ConnectionRejected
+
+from appliance.log import get_logger
+from appliance.relay.sas import make_token, resource_uri
+
+log = get_logger("relay")
+
+BACKOFF = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
+MAX_MESSAGE = 16 * 1024 * 1024
+
+
+class RelayClient:
+    def __init__(
+        self,
+        *,
+        name: str,
+        endpoint: str,
+        namespace: str,
+        path: str,
+        key_name: str,
+        key: bytes,
+        token_lifetime: float,
+        backoff: tuple[float, ...],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = name
+        self._endpoint = endpoint.rstrip("/")
+        self._resource = resource_uri(namespace, path)
+        self._path = path
+        self._key_name = key_name
+        self._key = key
+        self._lifetime = token_lifetime
+        self._backoff = backoff
+        self._clock = clock
+        self._attempt = 0
+        self.connected = False
+        self.failures: collections.Counter[str] = collections.Counter()
+
+    def _token(self) -> tuple[str, float]:
+        expiry = int(self._clock() + self._lifetime)
+        return make_token(self._resource, self._key_name, self._key, expiry), expiry
+
+    def _url(self, action: str, **extra: str) -> tuple[str, float]:
+        token, expiry = self._token()
+        query = urllib.parse.urlencode({"sb-hc-action": action, **extra, "sb-hc-token": token})
+        return f"{self._endpoint}/$hc/{urllib.parse.quote(self._path)}?{query}", expiry
+
+    def _failed(self, phase: str, error: object) -> None:
+        self.failures[phase] += 1
+        log.warning("relay.failed", client=self.name, phase=phase, error=str(error)[:300])
+
+    def _rejected(self, exc: ConnectionRejected, not_found: str) -> None:
+        body = (exc.body or b"").decode("utf-8", "replace")[:200]
+        if exc.status_code == 404:
+            self._failed(
+                "connect" if not_found == "connect" else "handshake",
+                f"HTTP 404: {body or 'not found'}",
+            )
+        elif exc.status_code in (401, 403):
+            self._failed("sas-token", f"HTTP {exc.status_code}: {body}")
+        else:
+            self._failed("handshake", f"HTTP {exc.status_code}: {body}")
+
+    def _connected(self) -> None:
+        self.connected = True
+        self._attempt = 0
+
+    async def _back_off(self) -> None:
+        self.connected = False
+        delay = self._backoff[min(self._attempt, len(self._backoff) - 1)]
+        self._attempt += 1
+        await trio.sleep(delay * random.uniform(0.8, 1.2))
