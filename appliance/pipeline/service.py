@@ -11,8 +11,10 @@ so each instance is reported exactly once.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import os
+import threading
 from pathlib import Path
 
 import trio
@@ -33,6 +35,20 @@ SWEEP_BATCH = 64
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
+
+
+_background = threading.local()
+#: Render threads run at this nice level, below the DICOM association threads.
+RENDER_NICENESS = 10
+
+
+def _render_in_background(source: Path, renditions: list[Rendition]) -> list[bytes] | None:
+    if not getattr(_background, "niced", False):
+        # Linux applies priority per thread: lower this worker thread only.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), RENDER_NICENESS)
+        _background.niced = True
+    return render(source, renditions)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -56,7 +72,8 @@ class ImagePipeline:
         self._worklist = worklist
         self._notices = notices
         self._config = config
-        self._workers = config.workers or os.cpu_count() or 1
+        # Leave a core to the associations: acknowledging images comes before drawing them.
+        self._workers = config.workers or max((os.cpu_count() or 1) - 1, 1)
         self._cpu = trio.CapacityLimiter(self._workers)
         self._in_flight: set[str] = set()
         self._renditions = [
@@ -120,7 +137,7 @@ class ImagePipeline:
         started = trio.current_time()
         try:
             jpegs = await trio.to_thread.run_sync(
-                render, source, self._renditions, limiter=self._cpu
+                _render_in_background, source, self._renditions, limiter=self._cpu
             )
         except Exception as exc:  # any failure is this image's, never the service's
             await self._failed(item, exc, source_message_id)
