@@ -31,6 +31,7 @@ from appliance.storage.layout import StorageLayout, ensure_directory
 from appliance.storage.recovery import recover
 from appliance.storage.spool import SpoolSweeper
 from appliance.storage.store import InstanceStore
+from appliance.studies import StudyTracker
 from appliance.supervisor import RestartPolicy, Supervisor
 from appliance.worklist.housekeeping import WorklistHousekeeper
 from appliance.worklist.store import WorklistStore
@@ -62,8 +63,13 @@ class Appliance:
         send, self.stored_instances = trio.open_memory_channel[StoredInstance](PIPELINE_NOTICES)
         self.worklist = WorklistStore(config.state_dir / "worklist.db")
         self.store = InstanceStore(self.layout, stored=send, on_stored=self._image_stored)
+        self.studies = StudyTracker(self.store, self.worklist, config.studies)
         self.pipeline = ImagePipeline(
-            self.store, self.worklist, self.stored_instances, config.pipeline
+            self.store,
+            self.worklist,
+            self.stored_instances,
+            config.pipeline,
+            on_processed=self.studies.notify,
         )
         self.relay_listener: RelayListener | None = None
         self.relay_sender: RelaySender | None = None
@@ -155,6 +161,7 @@ class Appliance:
             else {"enabled": False}
         )
         checks["pipeline"] = self.pipeline.statistics()
+        checks["studies"] = {"open": self.studies.open_studies}
         healthy = checks["storage_port"] and checks["worklist_port"] and checks["disk"]["ok"]
         return {
             "healthy": bool(healthy),
@@ -222,6 +229,7 @@ class Appliance:
                 (sweeper, self.policy),
                 (WorklistHousekeeper(self.worklist, self.config.worklist), self.policy),
                 (self.pipeline, self.policy),
+                (self.studies, self.policy),
             ],
             self.notifier,
             describe=self._describe,

@@ -168,6 +168,26 @@ class PipelineConfig:
     retry_after_s: float = field(default=30.0, validator=_positive)
 
 
+def _views(_inst: object, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+    for view in value:
+        if not re.fullmatch(r"[RLB][A-Z]{2,4}", view):
+            raise FieldError(attribute, f"{view!r} is not a view like RCC or LMLO")
+
+
+@frozen
+class StudiesConfig:
+    #: A screening study without MPPS is complete once these views are in and it has been quiet.
+    expected_views: tuple[str, ...] = field(
+        default=("RCC", "LCC", "RMLO", "LMLO"), validator=_views
+    )
+    #: Expected views per procedure code (Scheduled Protocol code value), overriding the default.
+    views_by_procedure: dict[str, tuple[str, ...]] = field(factory=dict)
+    quiet_period_s: float = field(default=60.0, validator=_positive)
+    #: Last resort: a study with no new image for this long is complete whatever it holds.
+    timeout_s: float = field(default=1800.0, validator=_positive)
+    check_interval_s: float = field(default=2.0, validator=_positive)
+
+
 @frozen
 class LogConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -228,6 +248,7 @@ class Config:
     dicom: DicomConfig = DicomConfig()
     worklist: WorklistConfig = WorklistConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    studies: StudiesConfig = StudiesConfig()
     log: LogConfig = LogConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     relay: RelayConfig = RelayConfig()

@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -67,7 +68,9 @@ class ImagePipeline:
         worklist: WorklistStore,
         notices: trio.MemoryReceiveChannel[StoredInstance],
         config: PipelineConfig,
+        on_processed: Callable[[], None] = lambda: None,
     ) -> None:
+        self._on_processed = on_processed
         self._store = store
         self._worklist = worklist
         self._notices = notices
@@ -163,6 +166,7 @@ class ImagePipeline:
             preview_path=preview_path,
         )
         self.processed += 1
+        self._on_processed()
         log.info(
             "image.processed",
             sop_instance_uid=item.sop_instance_uid,
@@ -206,6 +210,7 @@ class ImagePipeline:
             source_message_id,
             error=error,
         )
+        self._on_processed()
 
     @staticmethod
     def _payload(item: StoredInstance) -> dict:

@@ -227,5 +227,10 @@ class Index:
     def last_received(self) -> str | None:
         return self._db.execute("SELECT max(created_at) FROM stored_instances").fetchone()[0]
 
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The write connection, for the study tracker, which runs in this index's writer."""
+        return self._db
+
     def count(self) -> int:
         return self._db.execute("SELECT count(*) FROM stored_instances").fetchone()[0]

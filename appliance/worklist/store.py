@@ -529,6 +529,19 @@ class WorklistStore:
             )
         return MppsOutcome(status, False, row["accession_number"])
 
+    def latest_mpps(self, accession_number: str) -> tuple[str, str, list[str]] | None:
+        """(status, MPPS UID, performed instances) of the newest MPPS for an accession."""
+        with self.reader() as db:
+            row = db.execute(
+                "SELECT * FROM mpps_instances WHERE accession_number = ?"
+                " ORDER BY updated_at DESC, created_at DESC LIMIT 1",
+                (accession_number,),
+            ).fetchone()
+        if row is None:
+            return None
+        attributes = json.loads(row["attributes"])
+        return row["status"], row["sop_instance_uid"], _performed_instances(attributes)
+
     def mpps(self, sop_instance_uid: str) -> dict[str, Any] | None:
         with self.reader() as db:
             row = db.execute(
