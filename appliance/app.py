@@ -129,6 +129,7 @@ class Appliance:
             appliance_id=relay.appliance_id or socket.gethostname(),
             token_lifetime=relay.token_lifetime_s,
             ack_timeout=relay.ack_timeout_s,
+            retention_days=relay.delivered_retention_days,
             ping_interval=relay.ping_interval_s,
         )
 

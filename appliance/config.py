@@ -223,6 +223,8 @@ class RelayConfig:
     appliance_id: str = ""
     #: An event not acknowledged by the cloud within this is sent again on a new connection.
     ack_timeout_s: float = field(default=30.0, validator=_positive)
+    #: Delivered events are kept this long (for `appliance outbox list --all`), then deleted.
+    delivered_retention_days: float = field(default=30.0, validator=_positive)
     ping_interval_s: float = field(default=30.0, validator=_positive)
     ping_timeout_s: float = field(default=10.0, validator=_positive)
 

@@ -183,3 +183,31 @@ async def test_events_wait_out_a_relay_that_is_down_entirely(tmp_path, nursery):
     await nursery.start(consumer(emulator, acknowledge(received.append)).run)
     await wait_until(lambda: len(received) == 4)
     assert [e["event_id"] for e in received] == ids
+
+
+def test_delivered_events_are_purged_after_the_retention_period_and_pending_ones_never(tmp_path):
+    outbox = make_state(tmp_path)
+    old, recent, pending = add_events(tmp_path, 3)
+    for event_id, delivered_at in ((old, "2026-01-01T00:00:00.000+00:00"), (recent, None)):
+        for name in ("worklist.db", "pacs.db"):
+            db = connect(tmp_path / name)
+            events.mark_delivered(db, event_id)
+            if delivered_at:
+                db.execute(
+                    "UPDATE events SET delivered_at = ? WHERE event_id = ?",
+                    (delivered_at, event_id),
+                )
+            db.close()
+    relay_sender = RelaySender(
+        outbox=outbox,
+        endpoint="ws://127.0.0.1:9",
+        namespace="ns",
+        path="events",
+        key_name=KEY_NAME,
+        key=KEY,
+        appliance_id="t",
+        retention_days=30,
+    )
+    assert relay_sender.purge_delivered() == 1
+    remaining = {row["event_id"] for row in outbox.listing(include_delivered=True)}
+    assert remaining == {recent, pending}

@@ -9,6 +9,7 @@ token problem) the sender retries with backoff for ever: outages only delay deli
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from appliance.relay.websocket import open_websocket
 log = get_logger("relay")
 
 IDLE_POLL = 0.5
+PURGE_INTERVAL = 3600.0
 
 
 class RelaySender(RelayClient):
@@ -40,6 +42,7 @@ class RelaySender(RelayClient):
         token_lifetime: float = 3600.0,
         ack_timeout: float = 30.0,
         ping_interval: float = 30.0,
+        retention_days: float = 30.0,
         backoff: tuple[float, ...] = BACKOFF,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -58,6 +61,7 @@ class RelaySender(RelayClient):
         self._appliance_id = appliance_id
         self._ack_timeout = ack_timeout
         self._ping_interval = ping_interval
+        self._retention = datetime.timedelta(days=retention_days)
         self.sent = 0
         self.last_ack: float | None = None
 
@@ -69,9 +73,20 @@ class RelaySender(RelayClient):
             "failures_by_phase": dict(self.failures),
         }
 
+    def purge_delivered(self) -> int:
+        cutoff = datetime.datetime.now(datetime.UTC) - self._retention
+        removed = self._outbox.purge(cutoff.isoformat(timespec="milliseconds"))
+        if removed:
+            log.info("outbox.purged", events=removed)
+        return removed
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        next_purge = trio.current_time()
         while True:
+            if trio.current_time() >= next_purge:
+                await trio.to_thread.run_sync(self.purge_delivered)
+                next_purge = trio.current_time() + PURGE_INTERVAL
             if not await trio.to_thread.run_sync(self._outbox.pending, 1):
                 await trio.sleep(IDLE_POLL)  # nothing to send: no connection kept idle
                 continue
