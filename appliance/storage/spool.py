@@ -9,8 +9,6 @@ other, and a 1 GB object is never read back just to hash it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import hashlib
 import os
 import tempfile
@@ -29,10 +27,15 @@ _SYNC_FILE_RANGE_WRITE = 2  # start writeback of dirty pages in the range; do no
 
 def _load_sync_file_range():
     try:
+        # Imported here: ctypes builds a callback at import, which a sandbox with
+        # MemoryDenyWriteExecute may refuse on an old libffi. The hint is optional.
+        import ctypes
+        import ctypes.util
+
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         function = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None  # not Linux: the final fsync does all the work
+    except (ImportError, OSError, AttributeError, MemoryError):
+        return None  # not Linux, or no ctypes: the final fsync does all the work
     function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     function.restype = ctypes.c_int
     return function

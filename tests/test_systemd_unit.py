@@ -1,0 +1,59 @@
+"""The unit file, gated as systemd itself judges it: verify with no complaints, exposure <= 2.0."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+UNIT = Path(__file__).parent.parent / "systemd" / "screening-gateway.service"
+
+
+@pytest.fixture
+def unit(tmp_path) -> Path:
+    """The unit as installed, with ExecStart pointing at this checkout's appliance (verify
+    checks that the program exists)."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze is not installed: apt-get install systemd (CI does this)")
+    installed = tmp_path / UNIT.name
+    appliance = Path(sys.executable).parent / "appliance"
+    installed.write_text(
+        UNIT.read_text().replace("/opt/screening-gateway/bin/appliance", str(appliance))
+    )
+    return installed
+
+
+def test_unit_verifies_without_a_single_complaint(unit):
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    # verify exits 0 even for broken units: its stderr is the verdict.
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_unit_exposure_is_at_most_2(unit):
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--threshold=20", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout[-2000:]
+    exposure = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout)[1])
+    assert exposure <= 2.0
+
+
+def test_unit_runs_the_documented_config_with_the_relay_key_as_a_credential():
+    text = UNIT.read_text()
+    assert "Type=notify" in text
+    assert (
+        "ExecStart=/opt/screening-gateway/bin/appliance run --config "
+        "/etc/screening-gateway/appliance.toml" in text
+    )
+    assert "LoadCredential=relay-key:/etc/screening-gateway/relay.key" in text
+    # TimeoutStopSec must cover the appliance's own shutdown bound (10 s by default).
+    assert int(re.search(r"TimeoutStopSec=(\d+)s", text)[1]) > 10
