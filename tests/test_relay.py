@@ -3,6 +3,7 @@ checks SAS tokens as the service does: replies, refusals, zombies, token expiry 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import signal
@@ -12,6 +13,7 @@ import urllib.parse
 
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionRejected
 
 from appliance import synthetic
@@ -20,7 +22,7 @@ from appliance.relay.cloud import acknowledge
 from appliance.relay.emulator import RelayEmulator
 from appliance.relay.listener import RelayListener
 from appliance.relay.sas import make_token, resource_uri
-from appliance.relay.websocket import open_websocket
+from appliance.relay.websocket import open_websocket, websocket_over
 from appliance.worklist.store import WorklistStore
 from tests.support import ApplianceProcess, send_files, write_config
 
@@ -408,3 +410,75 @@ async def test_undelivered_events_survive_an_appliance_kill_and_are_delivered_on
     finally:
         second.__exit__()
     assert [e["event_type"] for e in received] == ["image.received"]
+
+
+def in_memory(emulator: RelayEmulator, nursery):
+    """Open relay WebSockets over in-memory streams to the emulator: no sockets, so the test
+    can run in virtual time."""
+
+    @contextlib.asynccontextmanager
+    async def connect(url: str, *, max_message_size: int, **timeouts):
+        client, server = trio.testing.memory_stream_pair()
+        nursery.start_soon(emulator.serve_stream, server)
+        async with (
+            client,
+            websocket_over(client, url, max_message_size=max_message_size, **timeouts) as ws,
+        ):
+            yield ws
+
+    return connect
+
+
+def virtual_relay(nursery, **listener_options):
+    epoch = 1_800_000_000.0
+
+    def clock() -> float:
+        return epoch + trio.current_time()
+
+    emulator = RelayEmulator({KEY_NAME: KEY}, namespace="relay.test:443", clock=clock)
+    emulator.host, emulator.port = "relay.test", 443
+    listener = RelayListener(
+        name="listener-v",
+        endpoint=emulator.endpoint,
+        namespace=emulator.namespace,
+        path="actions",
+        key_name=KEY_NAME,
+        key=KEY,
+        handle=health_echo,
+        token_lifetime=3600.0,
+        clock=clock,
+        connect=in_memory(emulator, nursery),
+        **listener_options,
+    )
+    return emulator, listener
+
+
+async def health_echo(text: str) -> str:
+    return text
+
+
+async def test_token_renewal_keeps_one_channel_open_for_hours_in_virtual_time(
+    autojump_clock, nursery
+):
+    emulator, listener = virtual_relay(nursery)
+    await nursery.start(listener.run)
+    await trio.sleep(3 * 3600 + 60)  # three token lifetimes
+    assert listener.connected
+    assert listener.renewals >= 3
+    assert not listener.failures
+    assert not [r for r in emulator.refusals if r[0] in ("expired", "renew")]
+
+
+async def test_a_listener_that_never_renews_is_closed_with_1008_at_expiry(autojump_clock, nursery):
+    emulator, listener = virtual_relay(nursery)
+
+    async def never(control, expiry) -> None:
+        await trio.sleep_forever()
+
+    listener._renew = never  # a client that forgets to renew (as the NHS gateway's did)
+    await nursery.start(listener.run)
+    await trio.sleep(3599)
+    assert not listener.failures
+    await trio.sleep(2)
+    assert listener.failures["control-channel"] == 1
+    assert ("expired", "listener-v") in emulator.refusals

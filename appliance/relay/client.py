@@ -8,12 +8,14 @@ import random
 import time
 import urllib.parse
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 import trio
-from trio_websocket import ConnectionRejected
+from trio_websocket import ConnectionRejected, WebSocketConnection
 
 from appliance.log import get_logger
 from appliance.relay.sas import make_token, resource_uri
+from appliance.relay.websocket import open_websocket
 
 log = get_logger("relay")
 
@@ -34,8 +36,11 @@ class RelayClient:
         token_lifetime: float,
         backoff: tuple[float, ...],
         clock: Callable[[], float] = time.time,
+        connect: Callable[..., AbstractAsyncContextManager[WebSocketConnection]] = open_websocket,
     ) -> None:
         self.name = name
+        #: How WebSockets are opened (TCP in production; in-memory streams in virtual-time tests).
+        self._open = connect
         self._endpoint = endpoint.rstrip("/")
         self._resource = resource_uri(namespace, path)
         self._path = path

@@ -26,7 +26,13 @@ from functools import partial
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    serve_websocket,
+    wrap_server_stream,
+)
 
 from appliance.log import get_logger
 from appliance.relay.sas import TokenError, resource_uri, verify
@@ -126,6 +132,18 @@ class RelayEmulator:
             self._namespace = self._namespace or f"{host}:{self.port}"
             log.info("emulator.listening", endpoint=self.endpoint)
             task_status.started(self)
+
+    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection over a stream the caller made (in-memory, for virtual time)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                request = await wrap_server_stream(nursery, stream, max_message_size=MAX_MESSAGE)
+                await self._handle(request)
+                nursery.cancel_scope.cancel()
+        except (Exception, BaseExceptionGroup) as exc:  # a dying connection's last words
+            if isinstance(exc, BaseExceptionGroup) and exc.subgroup(trio.Cancelled):
+                raise
+            log.debug("emulator.connection_ended", error=str(exc)[:200])
 
     async def _proxy(self, inner_port: int, outside: trio.SocketStream) -> None:
         link = _Link()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 from trio_websocket import (
@@ -23,6 +24,7 @@ from trio_websocket import (
     WebSocketConnection,
 )
 
+from appliance import errors
 from appliance.log import get_logger
 from appliance.relay.client import BACKOFF, MAX_MESSAGE, RelayClient
 from appliance.relay.websocket import open_websocket
@@ -51,6 +53,7 @@ class RelayListener(RelayClient):
         ping_timeout: float = 10.0,
         backoff: tuple[float, ...] = BACKOFF,
         clock: Callable[[], float] = time.time,
+        connect: Callable[..., Any] = open_websocket,
     ) -> None:
         super().__init__(
             name=name,
@@ -62,6 +65,7 @@ class RelayListener(RelayClient):
             token_lifetime=token_lifetime,
             backoff=backoff,
             clock=clock,
+            connect=connect,
         )
         self._handle = handle
         #: What happens on an accepted connection: by default one action, one reply.
@@ -70,6 +74,7 @@ class RelayListener(RelayClient):
         self._ping_timeout = ping_timeout
         self.last_contact: float | None = None
         self.accepted = 0
+        self.renewals = 0
 
     def statistics(self) -> dict:
         return {
@@ -89,7 +94,7 @@ class RelayListener(RelayClient):
                 self._failed("sas-token", exc)
                 raise
             try:
-                async with open_websocket(
+                async with self._open(
                     url,
                     max_message_size=MAX_MESSAGE,
                     connect_timeout=self._ping_timeout,
@@ -111,20 +116,27 @@ class RelayListener(RelayClient):
             await self._back_off()
 
     async def _serve(self, control: WebSocketConnection, expiry: float) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._keepalive, control, nursery.cancel_scope)
-            nursery.start_soon(self._renew, control, expiry)
-            while True:
-                text = await control.get_message()
-                self.last_contact = self._clock()
-                try:
-                    message = json.loads(text)
-                    if "accept" in message:
-                        nursery.start_soon(self._accept, message["accept"])
-                    elif "request" in message:
-                        await self._request(control, message["request"])
-                except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                    self._failed("control-channel", f"unreadable control message: {exc}")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keepalive, control, nursery.cancel_scope)
+                nursery.start_soon(self._renew, control, expiry)
+                while True:
+                    text = await control.get_message()
+                    self.last_contact = self._clock()
+                    try:
+                        message = json.loads(text)
+                        if "accept" in message:
+                            nursery.start_soon(self._accept, message["accept"])
+                        elif "request" in message:
+                            await self._request(control, message["request"])
+                    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                        self._failed("control-channel", f"unreadable control message: {exc}")
+        except BaseExceptionGroup as group:
+            # A closed channel surfaces from the nursery wrapped; it is one plain event here.
+            closed = errors.plain(group, ConnectionClosed)
+            if closed is not None:
+                raise closed from None
+            raise
 
     async def _keepalive(self, control: WebSocketConnection, scope: trio.CancelScope) -> None:
         while True:
@@ -146,6 +158,7 @@ class RelayListener(RelayClient):
             try:
                 token, expiry = self._token()
                 await control.send_message(json.dumps({"renewToken": {"token": token}}))
+                self.renewals += 1
                 log.info("relay.token_renewed", listener=self.name)
             except ConnectionClosed:
                 return
@@ -158,7 +171,7 @@ class RelayListener(RelayClient):
         try:
             # Dial the address exactly as given: it may name another host and carries its own
             # credentials.
-            async with open_websocket(
+            async with self._open(
                 address, max_message_size=MAX_MESSAGE, disconnect_timeout=2
             ) as rendezvous:
                 self.accepted += 1

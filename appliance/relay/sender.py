@@ -13,6 +13,7 @@ import datetime
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
@@ -45,6 +46,7 @@ class RelaySender(RelayClient):
         retention_days: float = 30.0,
         backoff: tuple[float, ...] = BACKOFF,
         clock: Callable[[], float] = time.time,
+        connect: Callable[..., Any] = open_websocket,
     ) -> None:
         super().__init__(
             name="relay-sender",
@@ -56,6 +58,7 @@ class RelaySender(RelayClient):
             token_lifetime=token_lifetime,
             backoff=backoff,
             clock=clock,
+            connect=connect,
         )
         self._outbox = outbox
         self._appliance_id = appliance_id
@@ -92,7 +95,7 @@ class RelaySender(RelayClient):
                 continue
             url, _expiry = self._url("connect")
             try:
-                async with open_websocket(
+                async with self._open(
                     url, max_message_size=MAX_MESSAGE, disconnect_timeout=2
                 ) as connection:
                     self._connected()

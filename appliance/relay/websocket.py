@@ -15,11 +15,13 @@ from collections.abc import AsyncIterator
 
 import trio
 from trio_websocket import (
+    CloseReason,
     ConnectionClosed,
     HandshakeError,
     WebSocketConnection,
     wrap_client_stream,
 )
+from wsproto.utilities import LocalProtocolError
 
 from appliance import errors
 
@@ -36,7 +38,6 @@ async def open_websocket(
     secure = target.scheme == "wss"
     host = target.hostname or ""
     port = target.port or (443 if secure else 80)
-    resource = target.path + (f"?{target.query}" if target.query else "")
     with trio.fail_after(connect_timeout):
         if secure:
             stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
@@ -44,15 +45,36 @@ async def open_websocket(
             )
         else:
             stream = await trio.open_tcp_stream(host, port)
+    async with (
+        stream,
+        websocket_over(
+            stream,
+            url,
+            max_message_size=max_message_size,
+            connect_timeout=connect_timeout,
+            disconnect_timeout=disconnect_timeout,
+        ) as connection,
+    ):
+        yield connection
+
+
+@contextlib.asynccontextmanager
+async def websocket_over(
+    stream: trio.abc.Stream,
+    url: str,
+    *,
+    max_message_size: int,
+    connect_timeout: float = 10.0,
+    disconnect_timeout: float = 2.0,
+) -> AsyncIterator[WebSocketConnection]:
+    """The WebSocket protocol over a stream the caller owns (and closes)."""
+    target = urllib.parse.urlsplit(url)
+    resource = target.path + (f"?{target.query}" if target.query else "")
     try:
-        async with stream, trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
             with trio.fail_after(connect_timeout):
                 connection = await wrap_client_stream(
-                    nursery,
-                    stream,
-                    host if target.port is None else f"{host}:{port}",
-                    resource,
-                    max_message_size=max_message_size,
+                    nursery, stream, target.netloc, resource, max_message_size=max_message_size
                 )
             try:
                 yield connection
@@ -63,7 +85,10 @@ async def open_websocket(
     except BaseExceptionGroup as group:
         # trio-websocket's reader task reports a rejected handshake or a closed connection from
         # inside our nursery; callers handle those as the plain exceptions they are.
-        leaves = list(errors.leaves(group))
-        if leaves and all(isinstance(e, HandshakeError | ConnectionClosed) for e in leaves):
-            raise leaves[0] from None
+        single = errors.plain(group, HandshakeError, ConnectionClosed, LocalProtocolError)
+        if isinstance(single, LocalProtocolError):
+            # e.g. a pong crossing a close: the connection is over, like any other close.
+            raise ConnectionClosed(CloseReason(1006, str(single))) from None
+        if single is not None:
+            raise single from None
         raise
