@@ -247,11 +247,9 @@ async def test_expired_token_closes_the_channel_with_1008(tmp_path, nursery):
     worklist.close()
 
 
-async def cloud_and_appliance(tmp_path, nursery):
-    """The emulator, a cloud consumer acknowledging events, and the appliance with its relay."""
-    emulator = await nursery.start(RelayEmulator({KEY_NAME: KEY}).run)
+def relay_settings(tmp_path, emulator: RelayEmulator) -> dict:
     (tmp_path / "relay.key").write_bytes(KEY + b"\n")
-    relay_config = {
+    return {
         "enabled": True,
         "namespace": emulator.namespace,
         "endpoint": emulator.endpoint,
@@ -259,8 +257,11 @@ async def cloud_and_appliance(tmp_path, nursery):
         "ping_interval_s": 2,
         "ping_timeout_s": 1,
     }
-    received: list[dict] = []
-    consumer = RelayListener(
+
+
+def events_consumer(emulator: RelayEmulator, received: list[dict]) -> RelayListener:
+    """The cloud on the events hybrid connection, acknowledging everything it receives."""
+    return RelayListener(
         name="cloud-events",
         endpoint=emulator.endpoint,
         namespace=emulator.namespace,
@@ -269,8 +270,14 @@ async def cloud_and_appliance(tmp_path, nursery):
         key=KEY,
         conversation=acknowledge(received.append),
     )
-    await nursery.start(consumer.run)
-    app = ApplianceProcess(write_config(tmp_path, {"relay": relay_config}))
+
+
+async def cloud_and_appliance(tmp_path, nursery):
+    """The emulator, a cloud consumer acknowledging events, and the appliance with its relay."""
+    emulator = await nursery.start(RelayEmulator({KEY_NAME: KEY}).run)
+    received: list[dict] = []
+    await nursery.start(events_consumer(emulator, received).run)
+    app = ApplianceProcess(write_config(tmp_path, {"relay": relay_settings(tmp_path, emulator)}))
     app.start()
     await trio.to_thread.run_sync(app.wait_ready)
     await wait_until(lambda: emulator.listener_count("actions") == 1)
@@ -368,16 +375,7 @@ async def test_undelivered_events_survive_an_appliance_kill_and_are_delivered_on
     tmp_path, nursery
 ):
     emulator = await nursery.start(RelayEmulator({KEY_NAME: KEY}).run)
-    (tmp_path / "relay.key").write_bytes(KEY)
-    relay_config = {
-        "enabled": True,
-        "namespace": emulator.namespace,
-        "endpoint": emulator.endpoint,
-        "key_file": str(tmp_path / "relay.key"),
-        "ping_interval_s": 2,
-        "ping_timeout_s": 1,
-    }
-    config = write_config(tmp_path, {"relay": relay_config})
+    config = write_config(tmp_path, {"relay": relay_settings(tmp_path, emulator)})
     image = tmp_path / "one.dcm"
     synthetic.mammogram(shape=(128, 104)).save_as(image, enforce_file_format=True)
     first = ApplianceProcess(config)
@@ -391,16 +389,7 @@ async def test_undelivered_events_survive_an_appliance_kill_and_are_delivered_on
     finally:
         first.__exit__()
     received: list[dict] = []
-    consumer = RelayListener(
-        name="cloud-events",
-        endpoint=emulator.endpoint,
-        namespace=emulator.namespace,
-        path="events",
-        key_name=KEY_NAME,
-        key=KEY,
-        conversation=acknowledge(received.append),
-    )
-    await nursery.start(consumer.run)
+    await nursery.start(events_consumer(emulator, received).run)
     second = ApplianceProcess(config)
     second.start()
     try:
