@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
@@ -11,7 +12,7 @@ import trio
 from pynetdicom import DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import Verification
 
-from appliance import __version__
+from appliance import __version__, status
 from appliance.config import Config, read_secret
 from appliance.db import connect
 from appliance.dicom import _pynetdicom
@@ -171,6 +172,37 @@ class Appliance:
             "checks": checks,
         }
 
+    def snapshot(self) -> dict:
+        """What `appliance status` shows of this process."""
+        servers = {"storage": self.storage_server, "worklist": self.worklist_server}
+        return {
+            "written_at": time.time(),
+            "version": __version__,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "services": {
+                name: attrs.asdict(state) for name, state in self.supervisor.statistics().items()
+            }
+            if self.supervisor
+            else {},
+            "ports": {name: s.bound_port for name, s in servers.items() if s},
+            "associations": sum(s.active_associations() for s in servers.values() if s),
+            "pipeline": self.pipeline.statistics(),
+            "relay": {
+                "listener": self.relay_listener.statistics(),
+                "sender": self.relay_sender.statistics() if self.relay_sender else None,
+            }
+            if self.relay_listener
+            else None,
+        }
+
+    async def _write_status(self) -> None:
+        deadline = trio.current_time()
+        while True:
+            await trio.to_thread.run_sync(status.write, self.config.state_dir, self.snapshot())
+            deadline += status.WRITE_INTERVAL
+            await trio.sleep_until(deadline)
+
     def _describe(self) -> str:
         servers = (self.storage_server, self.worklist_server)
         ports = [server.bound_port if server else None for server in servers]
@@ -236,7 +268,9 @@ class Appliance:
             describe=self._describe,
         )
         try:
-            await self.supervisor.run(task_status=task_status)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_status)
+                await self.supervisor.run(task_status=task_status)
         finally:
             # Servers have drained by now (their own shielded cleanup); the stores close last.
             self.store.close()

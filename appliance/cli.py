@@ -328,6 +328,15 @@ def cmd_outbox_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from appliance import status
+
+    config = _load(args)
+    found = status.read(config.state_dir, config.dicom.storage.min_free_mb * 1024 * 1024)
+    print(json.dumps(found, indent=2, default=str) if args.json else status.render(found))
+    return 0 if found["running"] else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     # `--config` may come before or after the sub-command: operators type both.
     common = argparse.ArgumentParser(add_help=False)
@@ -349,6 +358,8 @@ def _parser() -> argparse.ArgumentParser:
     config_cmd = command(commands, "config", "configuration tools")
     config_sub = config_cmd.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     command(config_sub, "check", "validate and print the effective config", cmd_config_check)
+    status_cmd = command(commands, "status", "what the running appliance is doing", cmd_status)
+    status_cmd.add_argument("--json", action="store_true", help="machine-readable, stable keys")
     worklist = command(commands, "worklist", "the modality worklist")
     worklist_sub = worklist.add_subparsers(dest="worklist_command", required=True, metavar="ACTION")
     add = command(worklist_sub, "add", "schedule a participant", cmd_worklist_add)

@@ -262,7 +262,7 @@ def test_corrupt_image_is_reported_failed_after_bounded_retries_and_service_goes
 @pytest.mark.usefixtures("dcmtk")
 def test_restart_mid_batch_processes_every_instance_exactly_once(tmp_path):
     paths = []
-    for n in range(3):
+    for n in range(6):  # enough work that the kill lands mid-batch even on a slow run
         paths += synthetic.screening_study(tmp_path / f"s{n}", shape=(2048, 1664))
     config = write_config(tmp_path, {"pipeline": {"workers": 1}})
     state = tmp_path / "state"

@@ -204,11 +204,11 @@ async def test_a_wrong_key_is_refused_at_the_handshake_and_counted(relay, nurser
 
 
 async def test_a_zombie_control_channel_is_replaced_within_two_ping_intervals(relay, nursery):
-    listener = await relay.listening(nursery, ping_interval=0.5, ping_timeout=0.25)
+    listener = await relay.listening(nursery, ping_interval=2.0, ping_timeout=0.5)
     relay.emulator.freeze()  # no close, no pong: the connection just goes silent
     frozen_at = trio.current_time()
     await wait_until(lambda: listener.failures["control-channel"] >= 1)
-    assert trio.current_time() - frozen_at <= 2 * 0.5
+    assert trio.current_time() - frozen_at <= 2 * 2.0  # within two ping intervals
     # The service, like the listener, notices the silent channel by its own pings and drops it.
     await wait_until(
         lambda: (
@@ -220,16 +220,6 @@ async def test_a_zombie_control_channel_is_replaced_within_two_ping_intervals(re
     with trio.fail_after(20):
         reply = await cloud_send(relay.emulator, create_item("after-zombie"))
     assert reply["status"] == "created"
-
-
-async def test_token_is_renewed_on_the_open_channel(relay, nursery):
-    listener = await relay.listening(nursery, token_lifetime=2.0)
-    await trio.sleep(5)  # more than two lifetimes
-    assert listener.connected
-    assert not listener.failures
-    assert not [r for r in relay.emulator.refusals if r[0] in ("expired", "renew")]
-    with trio.fail_after(20):
-        assert (await cloud_send(relay.emulator, create_item("renewed")))["status"] == "created"
 
 
 async def test_expired_token_closes_the_channel_with_1008(tmp_path, nursery):
