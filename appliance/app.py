@@ -91,7 +91,7 @@ class Appliance:
             shutdown_timeout=self.config.supervisor.shutdown_timeout_s,
         )
 
-    def _relay_listener(self) -> RelayListener:
+    def _relay_listener(self, key: bytes) -> RelayListener:
         relay = self.config.relay
         actions = CloudActions(self.worklist, self.health, simulator=self._simulator)
         return RelayListener(
@@ -100,7 +100,7 @@ class Appliance:
             namespace=relay.namespace,
             path=relay.actions_path,
             key_name=relay.key_name,
-            key=read_secret(relay.key_file, "relay.key_file"),
+            key=key,
             handle=actions.handle,
             token_lifetime=relay.token_lifetime_s,
             ping_interval=relay.ping_interval_s,
@@ -118,7 +118,7 @@ class Appliance:
             storage_ae=dicom.storage.ae_title,
         )
 
-    def _relay_sender(self) -> RelaySender:
+    def _relay_sender(self, key: bytes) -> RelaySender:
         relay = self.config.relay
         return RelaySender(
             outbox=self.outbox,
@@ -126,7 +126,7 @@ class Appliance:
             namespace=relay.namespace,
             path=relay.events_path,
             key_name=relay.key_name,
-            key=read_secret(relay.key_file, "relay.key_file"),
+            key=key,
             appliance_id=relay.appliance_id or socket.gethostname(),
             token_lifetime=relay.token_lifetime_s,
             ack_timeout=relay.ack_timeout_s,
@@ -251,8 +251,10 @@ class Appliance:
         sweeper = SpoolSweeper(self.layout.spool, older_than=max(300, 4 * dicom.network_timeout_s))
         services = []
         if self.config.relay.enabled:
-            self.relay_listener = self._relay_listener()
-            self.relay_sender = self._relay_sender()
+            relay = self.config.relay
+            key = await trio.to_thread.run_sync(read_secret, relay.key_file, "relay.key_file")
+            self.relay_listener = self._relay_listener(key)
+            self.relay_sender = self._relay_sender(key)
             services += [(self.relay_listener, self.policy), (self.relay_sender, self.policy)]
         self.supervisor = Supervisor(
             [

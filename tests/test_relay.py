@@ -9,7 +9,6 @@ import json
 import signal
 import subprocess
 import time
-import urllib.parse
 
 import pytest
 import trio
@@ -18,11 +17,10 @@ from trio_websocket import ConnectionRejected
 
 from appliance import synthetic
 from appliance.relay.actions import CloudActions
-from appliance.relay.cloud import acknowledge
+from appliance.relay.cloud import acknowledge, send_action
 from appliance.relay.emulator import RelayEmulator
 from appliance.relay.listener import RelayListener
-from appliance.relay.sas import make_token, resource_uri
-from appliance.relay.websocket import open_websocket, websocket_over
+from appliance.relay.websocket import websocket_over
 from appliance.worklist.store import WorklistStore
 from tests.support import ApplianceProcess, send_files, write_config
 
@@ -55,12 +53,9 @@ def create_item(action_id: str, accession: str = "ACC-R1", nhs: str = "999000030
 
 async def cloud_send(emulator: RelayEmulator, message: dict | str, path: str = "actions") -> dict:
     """The cloud in the sender role: connect, send one action, read one reply."""
-    token = make_token(resource_uri(emulator.namespace, path), KEY_NAME, KEY, int(time.time() + 60))
-    query = urllib.parse.urlencode({"sb-hc-action": "connect", "sb-hc-token": token})
-    url = f"{emulator.endpoint}/$hc/{path}?{query}"
-    async with open_websocket(url, max_message_size=1 << 20) as ws:
-        await ws.send_message(message if isinstance(message, str) else json.dumps(message))
-        return json.loads(await ws.get_message())
+    text = message if isinstance(message, str) else json.dumps(message)
+    reply = await send_action(emulator.endpoint, emulator.namespace, path, KEY_NAME, KEY, text)
+    return json.loads(reply)
 
 
 async def health() -> dict:
@@ -423,7 +418,7 @@ def virtual_relay(nursery, **listener_options):
         path="actions",
         key_name=KEY_NAME,
         key=KEY,
-        handle=health_echo,
+        handle=echo_back,
         token_lifetime=3600.0,
         clock=clock,
         connect=in_memory(emulator, nursery),
@@ -432,7 +427,7 @@ def virtual_relay(nursery, **listener_options):
     return emulator, listener
 
 
-async def health_echo(text: str) -> str:
+async def echo_back(text: str) -> str:
     return text
 
 
