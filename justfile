@@ -18,7 +18,7 @@ run *ARGS: bootstrap
     {{bin}}/appliance run --config config/local.toml {{ARGS}}
 
 # Lint and format check, then the whole test suite
-test *ARGS: bootstrap lint
+test *ARGS: bootstrap lint test-deploy
     {{bin}}/pytest {{ARGS}}
 
 # ruff lint and format check
@@ -30,6 +30,21 @@ lint: bootstrap
 fmt: bootstrap
     {{bin}}/ruff format .
     {{bin}}/ruff check --fix .
+
+# The release wheelhouse for Ansible: the appliance's wheel and every runtime dependency
+build: bootstrap
+    rm -rf dist/wheelhouse
+    {{bin}}/pip wheel --quiet --wheel-dir dist/wheelhouse . 2>&1 | { grep -v "is ignored: it is neither" || true; }
+    @ls dist/wheelhouse/screening_gateway-*.whl
+
+# Static deployment gates: ansible-lint (production profile) and the playbook's syntax check
+test-deploy: bootstrap
+    cd ansible && PATH="$PWD/../{{bin}}:$PATH" ansible-lint --profile production --offline
+    cd ansible && PATH="$PWD/../{{bin}}:$PATH" ansible-playbook -i inventory/example site.yml --syntax-check
+
+# Provision a booted Debian systemd container with site.yml and check the running service (root)
+test-deploy-live: bootstrap
+    PATH="$PWD/{{bin}}:$PATH" bash tests/deploy/live.sh
 
 # Benchmarks against dcmtk peers on the same data, same run (prints ratios)
 bench *ARGS: bootstrap

@@ -13,18 +13,42 @@ import pytest
 UNIT = Path(__file__).parent.parent / "systemd" / "screening-gateway.service"
 
 
-@pytest.fixture
-def unit(tmp_path) -> Path:
-    """The unit as installed, with ExecStart pointing at this checkout's appliance (verify
+SITE_DROP_IN = (
+    Path(__file__).parent.parent / "ansible/roles/screening_gateway/templates/site.conf.j2"
+)
+
+
+def site_settings(storage_port: int, worklist_port: int) -> str:
+    """The role's drop-in for a site, rendered as Ansible renders it."""
+    import jinja2
+
+    template = jinja2.Template(SITE_DROP_IN.read_text(), keep_trailing_newline=True)
+    return template.render(
+        ansible_managed="Ansible managed",
+        screening_gateway_storage_port=storage_port,
+        screening_gateway_worklist_port=worklist_port,
+    )
+
+
+@pytest.fixture(params=[(4244, 4243), (104, 4243)], ids=["unprivileged-ports", "port-104"])
+def unit(request, tmp_path) -> Path:
+    """The unit as a site runs it: the reviewed file plus the role's drop-in (appended: later
+    assignments win, as with a drop-in), ExecStart pointing at this checkout's appliance (verify
     checks that the program exists)."""
     if shutil.which("systemd-analyze") is None:
         pytest.fail("systemd-analyze is not installed: apt-get install systemd (CI does this)")
     installed = tmp_path / UNIT.name
     appliance = Path(sys.executable).parent / "appliance"
-    installed.write_text(
-        UNIT.read_text().replace("/opt/screening-gateway/bin/appliance", str(appliance))
-    )
+    text = UNIT.read_text().replace("/opt/screening-gateway/bin/appliance", str(appliance))
+    installed.write_text(text + "\n" + site_settings(*request.param))
     return installed
+
+
+def test_port_104_gets_cap_net_bind_service_and_nothing_else():
+    assert "CAP_NET_BIND_SERVICE" not in site_settings(4244, 4243)
+    privileged = site_settings(104, 4243)
+    assert "CapabilityBoundingSet=CAP_NET_BIND_SERVICE\n" in privileged
+    assert "AmbientCapabilities=CAP_NET_BIND_SERVICE\n" in privileged
 
 
 def test_unit_verifies_without_a_single_complaint(unit):
@@ -54,6 +78,6 @@ def test_unit_runs_the_documented_config_with_the_relay_key_as_a_credential():
         "ExecStart=/opt/screening-gateway/bin/appliance run --config "
         "/etc/screening-gateway/appliance.toml" in text
     )
-    assert "LoadCredential=relay-key:/etc/screening-gateway/relay.key" in text
+    assert "LoadCredential=relay-key:/etc/screening-gateway/credentials/relay-key" in text
     # TimeoutStopSec must cover the appliance's own shutdown bound (10 s by default).
     assert int(re.search(r"TimeoutStopSec=(\d+)s", text)[1]) > 10
