@@ -88,6 +88,16 @@ class PeerConfig:
 
 
 @frozen
+class DestinationConfig:
+    """Where the appliance sends to: a C-MOVE destination, or a storage commitment requestor
+    that wants its N-EVENT-REPORT on a new association."""
+
+    ae_title: str = field(validator=_ae_title)
+    host: str = field(validator=attrs.validators.min_len(1))
+    port: int = field(validator=_port)
+
+
+@frozen
 class StorageScpConfig:
     ae_title: str = field(default="SCREENING_PACS", validator=_ae_title)
     port: int = field(default=4244, validator=_port)
@@ -151,6 +161,8 @@ class DicomConfig:
     network_timeout_s: float = field(default=60.0, validator=_positive)
     #: Empty: any peer may associate. Otherwise only these AE titles, from these addresses.
     peers: tuple[PeerConfig, ...] = ()
+    #: C-MOVE destinations and storage commitment callbacks, by AE title.
+    destinations: tuple[DestinationConfig, ...] = ()
     storage: StorageScpConfig = StorageScpConfig()
     worklist: WorklistScpConfig = WorklistScpConfig()
 

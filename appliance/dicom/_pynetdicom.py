@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pydicom
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, dimse_messages, evt
+from pynetdicom.association import Association
 from pynetdicom.dsutils import encode
+from pynetdicom.presentation import PresentationContext, build_context
 
 from appliance.storage.spool import SpoolFile
 
@@ -40,6 +43,64 @@ def configure(spool_dir: Path) -> None:
         return SpoolFile(spool_dir, SPOOL_PREFIX, suffix)
 
     dimse_messages.NamedTemporaryFile = spool_file  # type: ignore[attr-defined]
+    if not getattr(Association.send_c_store, "sends_stored_files", False):
+        Association.send_c_store = _send_c_store  # type: ignore[method-assign]
+
+
+_send_c_store_original = Association.send_c_store
+
+
+def _send_c_store(self: Association, dataset: object, *args: object, **kwargs: object) -> object:
+    if isinstance(dataset, StoredFile):
+        dataset = dataset.for_association(self)
+    return _send_c_store_original(self, dataset, *args, **kwargs)
+
+
+_send_c_store.sends_stored_files = True  # type: ignore[attr-defined]
+
+
+class StoredFile(Dataset):
+    """A stored instance for a C-GET or C-MOVE handler to yield in place of a decoded dataset.
+
+    pynetdicom's retrieve service classes hand what the handler yields to
+    Association.send_c_store, which accepts a file path and then sends the file's dataset bytes
+    as they are, in chunks. configure() wraps send_c_store so that a StoredFile becomes its path
+    when the peer accepted the stored transfer syntax, and a decoded dataset (pixel data
+    decompressed, so an uncompressed context can carry it) only when it did not.
+    """
+
+    def __init__(
+        self, path: Path, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str
+    ) -> None:
+        super().__init__()
+        self.SOPClassUID = sop_class_uid
+        self.SOPInstanceUID = sop_instance_uid
+        object.__setattr__(self, "_stored", (path, transfer_syntax_uid))
+
+    def for_association(self, assoc: Association) -> Path | Dataset:
+        path, transfer_syntax = object.__getattribute__(self, "_stored")
+        try:
+            assoc._get_valid_context(self.SOPClassUID, transfer_syntax, "scu")
+            return path
+        except ValueError:
+            pass
+        dataset = pydicom.dcmread(path)
+        if dataset.file_meta.TransferSyntaxUID.is_compressed:
+            dataset.decompress(generate_instance_uid=False)
+        return dataset
+
+    @staticmethod
+    def contexts_for(pairs: set[tuple[str, str]]) -> list[PresentationContext]:
+        """What a C-MOVE sub-association proposes: each stored transfer syntax as it is, and
+        each SOP class uncompressed, up to the 128 contexts an association can carry."""
+        contexts = []
+        for sop_class, transfer_syntax in sorted(pairs):
+            contexts.append(build_context(sop_class, transfer_syntax))
+        for sop_class in sorted({sop_class for sop_class, _ in pairs}):
+            contexts.append(
+                build_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+            )
+        return contexts[:128]
 
 
 def received_spool_file(event: evt.Event) -> SpoolFile:

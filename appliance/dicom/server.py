@@ -143,7 +143,11 @@ class DicomServer:
         ae.require_called_aet = True
         ae.require_calling_aet = sorted({peer.ae_title for peer in self._dicom.peers})
         for abstract_syntax, transfer_syntaxes in self._contexts:
-            ae.add_supported_context(abstract_syntax, list(transfer_syntaxes))
+            # Accept the roles a requestor proposes: a C-GET requestor asks to be the storage
+            # SCP on the same association, so that the appliance can send it the images.
+            ae.add_supported_context(
+                abstract_syntax, list(transfer_syntaxes), scu_role=True, scp_role=True
+            )
         return ae
 
     def _bind(self) -> _AssociationServer:

@@ -1,0 +1,395 @@
+"""Query/Retrieve SCP over the storage index: C-FIND, C-GET and C-MOVE, Patient and Study Root.
+
+Records are built per entity (patient, study, series, image) from the index and one stored
+header per entity, then matched with the worklist's PS3.4 rules (appliance.dicom.matching).
+Identifiers are checked as hierarchical queries demand (PS3.4 C.4.1.2): the unique key of every
+level above the query level present with a single value, no key below it; anything else is
+refused with 0xA900 and a comment.
+
+Retrieval sends the stored file's bytes as received when the peer accepted the stored transfer
+syntax, and decodes only when it did not (see appliance.dicom._pynetdicom.StoredFile).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from appliance.config import DestinationConfig
+from appliance.dicom import matching
+from appliance.dicom._pynetdicom import StoredFile
+from appliance.dicom.server import Handler, status
+from appliance.log import get_logger
+from appliance.storage.layout import StorageLayout
+
+log = get_logger("qr-scp")
+
+PENDING = 0xFF00
+CANCELLED = 0xFE00
+IDENTIFIER_MISMATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+
+PATIENT_ROOT = {
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+}
+QR_SOP_CLASSES = [
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+]
+
+QR_CONTEXTS = [
+    (sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]) for sop_class in QR_SOP_CLASSES
+]
+
+LEVELS = ["PATIENT", "STUDY", "SERIES", "IMAGE"]
+#: Each level's unique key and the index column that holds it.
+UNIQUE = {
+    "PATIENT": ("PatientID", "patient_id"),
+    "STUDY": ("StudyInstanceUID", "study_instance_uid"),
+    "SERIES": ("SeriesInstanceUID", "series_instance_uid"),
+    "IMAGE": ("SOPInstanceUID", "sop_instance_uid"),
+}
+#: Attributes of each level (PS3.4 C.6.1.1 / C.6.2.1, plus what screening units send).
+LEVEL_KEYS = {
+    "PATIENT": {
+        "PatientName",
+        "PatientID",
+        "IssuerOfPatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "OtherPatientIDsSequence",
+        "NumberOfPatientRelatedStudies",
+        "NumberOfPatientRelatedSeries",
+        "NumberOfPatientRelatedInstances",
+    },
+    "STUDY": {
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyID",
+        "StudyInstanceUID",
+        "ReferringPhysicianName",
+        "StudyDescription",
+        "ModalitiesInStudy",
+        "SOPClassesInStudy",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+        "ProcedureCodeSequence",
+        "PatientAge",
+    },
+    "SERIES": {
+        "Modality",
+        "SeriesNumber",
+        "SeriesInstanceUID",
+        "SeriesDescription",
+        "SeriesDate",
+        "SeriesTime",
+        "BodyPartExamined",
+        "Laterality",
+        "NumberOfSeriesRelatedInstances",
+        "PerformedProcedureStepStartDate",
+        "PerformedProcedureStepStartTime",
+    },
+    "IMAGE": {
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "InstanceNumber",
+        "ImageLaterality",
+        "ViewPosition",
+        "ContentDate",
+        "ContentTime",
+        "NumberOfFrames",
+        "Rows",
+        "Columns",
+        "AvailableTransferSyntaxUID",
+        "PresentationIntentType",
+    },
+}
+ALWAYS_ALLOWED = {"SpecificCharacterSet", "QueryRetrieveLevel", "TimezoneOffsetFromUTC"}
+
+
+class InvalidIdentifier(Exception):
+    """The identifier breaks the hierarchical query rules: 0xA900."""
+
+
+def _single(element_value: object) -> str | None:
+    text = "" if element_value is None else str(element_value)
+    if not text or any(c in text for c in "*?\\-"):
+        return None
+    return text
+
+
+def check_identifier(identifier: Dataset, sop_class: str) -> str:
+    """The query level, once the identifier is known to be a valid hierarchical query."""
+    level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+    if level not in LEVELS:
+        raise InvalidIdentifier(f"Query/Retrieve Level {level or '(empty)'} is not one we serve")
+    patient_root = sop_class in PATIENT_ROOT
+    if not patient_root and level == "PATIENT":
+        raise InvalidIdentifier("Study Root has no PATIENT level")
+    depth = LEVELS.index(level)
+    # Patient attributes belong to the STUDY level in Study Root.
+    top = 0 if patient_root else 1
+    for above in LEVELS[top:depth]:
+        keyword = UNIQUE[above][0]
+        if _single(identifier.get(keyword, "") and identifier[keyword].value) is None:
+            raise InvalidIdentifier(f"{keyword} must have a single value to query at {level}")
+    allowed = set(ALWAYS_ALLOWED)
+    for name in LEVELS[: depth + 1]:
+        allowed |= LEVEL_KEYS[name]
+    for element in identifier:
+        if element.tag.element == 0 or element.keyword in allowed:
+            continue
+        owner = next((n for n in LEVELS if element.keyword in LEVEL_KEYS[n]), None)
+        if owner is not None:
+            raise InvalidIdentifier(f"{element.keyword} is a {owner} key, below {level}")
+        # Keys we do not know are return keys answered empty, as the worklist does.
+    return level
+
+
+def _uid_list(value: object) -> list[str]:
+    if value is None or value == "":
+        return []
+    values = list(value) if isinstance(value, pydicom.multival.MultiValue) else [value]
+    texts = [str(v) for v in values if str(v)]
+    return [] if any(c in t for t in texts for c in "*?") else texts
+
+
+class IndexReader:
+    """Read-only queries on the storage index, one connection per request thread."""
+
+    def __init__(self, layout: StorageLayout) -> None:
+        self._layout = layout
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(f"file:{self._layout.index_path}?mode=ro", uri=True)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA busy_timeout=10000")
+        return db
+
+    def rows(self, identifier: Dataset) -> list[sqlite3.Row]:
+        """Stored instances the identifier's UID and ID keys allow (SQL pre-filter)."""
+        where, params = ["status = 'STORED'"], []
+        for keyword, column in [*UNIQUE.values(), ("AccessionNumber", "accession_number")]:
+            values = _uid_list(identifier.get(keyword, "") and identifier[keyword].value)
+            if values:
+                where.append(f"{column} IN ({','.join('?' * len(values))})")
+                params += values
+        db = self._connect()
+        try:
+            return db.execute(
+                "SELECT * FROM stored_instances WHERE "
+                + " AND ".join(where)
+                + " ORDER BY study_instance_uid, series_instance_uid, created_at",
+                params,
+            ).fetchall()
+        finally:
+            db.close()
+
+    def header(self, row: sqlite3.Row) -> Dataset:
+        return pydicom.dcmread(self.path(row), stop_before_pixels=True)
+
+    def path(self, row: sqlite3.Row) -> Path:
+        return self._layout.absolute(row["storage_path"])
+
+
+def _group(rows: list[sqlite3.Row], level: str) -> dict[str, list[sqlite3.Row]]:
+    column = UNIQUE[level][1]
+    groups: dict[str, list[sqlite3.Row]] = {}
+    for row in rows:
+        groups.setdefault(row[column] or "", []).append(row)
+    return groups
+
+
+def entity_record(level: str, rows: list[sqlite3.Row], header: Dataset) -> Dataset:
+    """One entity's record: its first instance's header plus the computed attributes."""
+    record = Dataset()
+    for element in header:
+        if element.tag.group != 0x0002 and element.tag != 0x7FE00010:
+            record.add(element)
+    record.QueryRetrieveLevel = level
+    studies = {r["study_instance_uid"] for r in rows}
+    series = {r["series_instance_uid"] for r in rows}
+    if level == "PATIENT":
+        record.NumberOfPatientRelatedStudies = len(studies)
+        record.NumberOfPatientRelatedSeries = len(series)
+        record.NumberOfPatientRelatedInstances = len(rows)
+    elif level == "STUDY":
+        record.NumberOfStudyRelatedSeries = len(series)
+        record.NumberOfStudyRelatedInstances = len(rows)
+        record.ModalitiesInStudy = sorted({r["modality"] for r in rows if r["modality"]})
+        record.SOPClassesInStudy = sorted({r["sop_class_uid"] for r in rows})
+    elif level == "SERIES":
+        record.NumberOfSeriesRelatedInstances = len(rows)
+    else:
+        record.AvailableTransferSyntaxUID = rows[0]["transfer_syntax_uid"]
+    return record
+
+
+class QueryRetrieveSCP:
+    def __init__(self, layout: StorageLayout, destinations: tuple[DestinationConfig, ...]) -> None:
+        self._index = IndexReader(layout)
+        self._destinations = {d.ae_title: d for d in destinations}
+
+    def handlers(self) -> list[Handler]:
+        return [
+            (evt.EVT_C_FIND, self.handle_find),
+            (evt.EVT_C_GET, self.handle_get),
+            (evt.EVT_C_MOVE, self.handle_move),
+        ]
+
+    # --- C-FIND -------------------------------------------------------------------------------
+
+    def matches(self, identifier: Dataset, level: str) -> Iterator[Dataset]:
+        """Each matching entity's answer, in study order."""
+        query = Dataset()
+        for element in identifier:
+            if element.keyword not in ("QueryRetrieveLevel", "SpecificCharacterSet"):
+                query.add(element)
+        unique = UNIQUE[level][0]
+        if unique not in query:
+            query.add_new(
+                pydicom.datadict.tag_for_keyword(unique), "UI" if level != "PATIENT" else "LO", None
+            )
+        for rows in _group(self._index.rows(identifier), level).values():
+            record = entity_record(level, rows, self._index.header(rows[0]))
+            if not matching.matches(query, record):
+                continue
+            answer = matching.project(query, record)
+            answer.QueryRetrieveLevel = level
+            if "SpecificCharacterSet" in record:
+                answer.SpecificCharacterSet = record.SpecificCharacterSet
+            yield answer
+
+    def handle_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        started = time.perf_counter()
+        calling_ae = event.assoc.requestor.ae_title
+        answered = 0
+        try:
+            identifier = event.identifier
+            level = check_identifier(identifier, event.request.AffectedSOPClassUID)
+            for answer in self.matches(identifier, level):
+                if event.is_cancelled:
+                    log.info("qr.find_cancelled", calling_ae=calling_ae, answered=answered)
+                    yield CANCELLED, None
+                    return
+                answered += 1
+                yield PENDING, answer
+        except (InvalidIdentifier, matching.InvalidQuery) as exc:
+            log.warning(
+                "qr.query_rejected", phase="identifier", reason=str(exc), calling_ae=calling_ae
+            )
+            yield status(IDENTIFIER_MISMATCH, str(exc)), None
+            return
+        except Exception:
+            log.exception("qr.query_failed", phase="match", calling_ae=calling_ae)
+            yield status(UNABLE_TO_PROCESS, "Internal error while matching"), None
+            return
+        log.info(
+            "qr.find",
+            calling_ae=calling_ae,
+            level=level,
+            matches=answered,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        yield 0x0000, None
+
+    # --- C-GET and C-MOVE ---------------------------------------------------------------------
+
+    def _instances(self, identifier: Dataset, sop_class: str) -> list[sqlite3.Row]:
+        level = check_identifier(identifier, sop_class)
+        if not any(
+            _uid_list(identifier.get(k, "") and identifier[k].value) for k, _ in UNIQUE.values()
+        ):
+            raise InvalidIdentifier(f"a retrieve at {level} needs its unique key")
+        rows = self._index.rows(identifier)
+        wanted = _group(rows, level)
+        return [row for group in wanted.values() for row in group]
+
+    def _send(
+        self, event: evt.Event, rows: list[sqlite3.Row], verb: str, destination: str = ""
+    ) -> Iterator[tuple[int, Dataset | None]]:
+        calling_ae = event.assoc.requestor.ae_title
+        started = time.perf_counter()
+        for sent, row in enumerate(rows):
+            if event.is_cancelled:
+                log.info(
+                    f"qr.{verb}_cancelled",
+                    calling_ae=calling_ae,
+                    sent=sent,
+                    remaining=len(rows) - sent,
+                )
+                cancelled = Dataset()
+                cancelled.FailedSOPInstanceUIDList = [r["sop_instance_uid"] for r in rows[sent:]]
+                yield CANCELLED, cancelled
+                return
+            yield (
+                PENDING,
+                StoredFile(
+                    self._index.path(row),
+                    row["sop_class_uid"],
+                    row["sop_instance_uid"],
+                    row["transfer_syntax_uid"],
+                ),
+            )
+        log.info(
+            f"qr.{verb}",
+            calling_ae=calling_ae,
+            destination=destination,
+            instances=len(rows),
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+
+    def handle_get(self, event: evt.Event) -> Iterator[int | tuple[int, Dataset | None]]:
+        try:
+            rows = self._instances(event.identifier, event.request.AffectedSOPClassUID)
+        except InvalidIdentifier as exc:
+            log.warning("qr.retrieve_rejected", phase="identifier", reason=str(exc))
+            yield 1
+            yield status(IDENTIFIER_MISMATCH, str(exc)), None
+            return
+        yield len(rows)
+        yield from self._send(event, rows, "get")
+
+    def handle_move(self, event: evt.Event) -> Iterator[object]:
+        target = str(event.move_destination).strip()
+        known = self._destinations.get(target)
+        if known is None:
+            log.warning("qr.retrieve_rejected", phase="destination", destination=target)
+            yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown
+            return
+        try:
+            rows = self._instances(event.identifier, event.request.AffectedSOPClassUID)
+        except InvalidIdentifier as exc:
+            log.warning("qr.retrieve_rejected", phase="identifier", reason=str(exc))
+            yield known.host, known.port
+            yield 1
+            yield status(IDENTIFIER_MISMATCH, str(exc)), None
+            return
+        contexts = StoredFile.contexts_for(
+            {(r["sop_class_uid"], r["transfer_syntax_uid"]) for r in rows}
+        )
+        yield known.host, known.port, {"contexts": contexts}
+        yield len(rows)
+        yield from self._send(event, rows, "move", target)
