@@ -16,6 +16,7 @@ from appliance import __version__, status
 from appliance.config import Config, read_secret
 from appliance.db import connect
 from appliance.dicom import _pynetdicom
+from appliance.dicom.commitment_scp import COMMITMENT_CONTEXTS, StorageCommitmentSCP
 from appliance.dicom.qr_scp import QR_CONTEXTS, QueryRetrieveSCP
 from appliance.dicom.server import DicomServer, TrioDoor
 from appliance.dicom.storage_scp import STORAGE_CONTEXTS, StorageSCP
@@ -231,12 +232,15 @@ class Appliance:
         door = TrioDoor.current()
         storage_scp = StorageSCP(self.store, door, dicom.storage.min_free_mb * 1024 * 1024)
         qr_scp = QueryRetrieveSCP(self.layout, dicom.destinations)
+        commitment_scp = StorageCommitmentSCP(
+            self.layout, dicom.storage.ae_title, dicom.destinations
+        )
         self.storage_server = self._server(
             "storage-scp",
             dicom.storage.ae_title,
             dicom.storage.port,
-            [*STORAGE_CONTEXTS, *QR_CONTEXTS],
-            [*storage_scp.handlers(), *qr_scp.handlers()],
+            [*STORAGE_CONTEXTS, *QR_CONTEXTS, *COMMITMENT_CONTEXTS],
+            [*storage_scp.handlers(), *qr_scp.handlers(), *commitment_scp.handlers()],
         )
         worklist_scp = WorklistSCP(
             self.worklist, door, dicom.worklist, self.config.worklist.timezone

@@ -1,10 +1,12 @@
-"""Query/Retrieve over the storage index, driven by dcmtk findscu/getscu/movescu and pynetdicom."""
+"""Query/Retrieve and Storage Commitment over the storage index, driven by dcmtk
+findscu/getscu/movescu and pynetdicom."""
 
 from __future__ import annotations
 
 import datetime
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from pynetdicom.sop_class import (
 )
 
 from appliance import synthetic
+from appliance.dicom.commitment_scp import STORAGE_COMMITMENT, WELL_KNOWN_INSTANCE
+from appliance.storage.layout import StorageLayout
 from tests.support import ApplianceProcess, dataset_bytes, encode, send_files, write_config
 
 pytestmark = pytest.mark.usefixtures("dcmtk")
@@ -37,9 +41,10 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """A running appliance holding two participants' studies: Ann's uncompressed, Beth's JPEG
-    2000 lossless. Destinations: DEST (a dcmtk storescp per test), SLOW (a pynetdicom SCP)."""
+    2000 lossless. Destinations: DEST (a dcmtk storescp per test), SLOW (a pynetdicom SCP),
+    COMMITTER (where a storage commitment requestor that left hears its report)."""
     root = tmp_path_factory.mktemp("qr")
-    ports = {"DEST": free_port(), "SLOW": free_port()}
+    ports = {"DEST": free_port(), "SLOW": free_port(), "COMMITTER": free_port()}
     config = write_config(
         root,
         {
@@ -435,3 +440,106 @@ def test_queries_and_retrieves_leave_no_patient_identifiers_in_the_log(site):
     assert "qr.find" in log
     assert "ANN^ALPHA" not in log
     assert "9990000011" not in log
+
+
+# --- Storage Commitment ----------------------------------------------------------------------
+
+
+def commitment_request(references: list[tuple[str, str]]) -> Dataset:
+    request = Dataset()
+    request.TransactionUID = pydicom.uid.generate_uid()
+    request.ReferencedSOPSequence = []
+    for sop_class, sop_instance in references:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        request.ReferencedSOPSequence.append(item)
+    return request
+
+
+def references(paths: list[Path]) -> list[tuple[str, str]]:
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    return [(h.SOPClassUID, h.SOPInstanceUID) for h in headers]
+
+
+def request_commitment(port: int, request: Dataset, calling: str = "COMMITTER") -> int:
+    """N-ACTION (Request Storage Commitment); the association is released after the response."""
+    ae = AE(calling)
+    ae.add_requested_context(STORAGE_COMMITMENT)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SCREENING_PACS")
+    assert assoc.is_established
+    try:
+        rsp, _ = assoc.send_n_action(request, 1, STORAGE_COMMITMENT, WELL_KNOWN_INSTANCE)
+    finally:
+        assoc.release()
+    return rsp.Status
+
+
+def commit_and_hear(site, request: Dataset) -> Dataset:
+    """Request commitment as COMMITTER and receive the report where COMMITTER listens."""
+    reports: list[Dataset] = []
+    arrived = threading.Event()
+
+    def on_report(event):
+        reports.append(event.event_information)
+        arrived.set()
+        return 0x0000
+
+    listener = AE("COMMITTER")
+    listener.add_supported_context(STORAGE_COMMITMENT, scp_role=True, scu_role=False)
+    server = listener.start_server(
+        ("127.0.0.1", site["ports"]["COMMITTER"]),
+        block=False,
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
+    )
+    try:
+        assert request_commitment(site["app"].ports["storage"], request) == 0x0000
+        assert arrived.wait(20), site["app"].log()[-2000:]
+    finally:
+        server.shutdown()
+    [report] = reports
+    assert report.TransactionUID == request.TransactionUID
+    return report
+
+
+def test_commitment_lists_committed_instances_and_unknown_ones_as_failed(site):
+    known = references(site["ann"])
+    request = commitment_request([*known, (known[0][0], "1.2.826.0.1.3680043.10.1999.1")])
+    report = commit_and_hear(site, request)
+    assert {i.ReferencedSOPInstanceUID for i in report.ReferencedSOPSequence} == {
+        uid for _, uid in known
+    }
+    [failed] = report.FailedSOPSequence
+    assert (failed.ReferencedSOPInstanceUID, failed.FailureReason) == (
+        "1.2.826.0.1.3680043.10.1999.1",
+        0x0112,
+    )
+
+
+def test_a_file_damaged_on_disk_is_not_committed(site, tmp_path):
+    image = tmp_path / "extra.dcm"
+    synthetic.mammogram(shape=SMALL).save_as(image, enforce_file_format=True)
+    [stored] = send_files(site["app"].ports["storage"], [image], calling="COMMITTER")
+    assert stored.Status == 0
+    [(sop_class, sop_instance)] = references([image])
+    layout = StorageLayout(site["root"] / "state")
+    damaged = layout.absolute(layout.relative_path(sop_instance))
+    data = bytearray(damaged.read_bytes())
+    data[-10] ^= 0xFF  # one flipped pixel byte: the file still parses
+    damaged.write_bytes(bytes(data))
+
+    good = references(site["ann"][:1])
+    report = commit_and_hear(site, commitment_request([*good, (sop_class, sop_instance)]))
+    assert [i.ReferencedSOPInstanceUID for i in report.ReferencedSOPSequence] == [good[0][1]]
+    [failed] = report.FailedSOPSequence
+    assert (failed.ReferencedSOPInstanceUID, failed.FailureReason) == (sop_instance, 0x0110)
+    assert "commitment.instance_damaged" in site["app"].log()
+
+
+def test_commitment_requests_that_cannot_be_answered_are_refused_at_once(site):
+    request = Dataset()
+    request.TransactionUID = pydicom.uid.generate_uid()
+    assert request_commitment(site["app"].ports["storage"], request) == 0x0115
+    full = commitment_request(references(site["ann"]))
+    # No destination is configured for this AE: it would never hear the report.
+    assert request_commitment(site["app"].ports["storage"], full, calling="STRANGER") == 0x0110

@@ -207,6 +207,15 @@ class IndexReader:
         finally:
             db.close()
 
+    def instance(self, sop_instance_uid: str) -> sqlite3.Row | None:
+        db = self._connect()
+        try:
+            return db.execute(
+                "SELECT * FROM stored_instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchone()
+        finally:
+            db.close()
+
     def header(self, row: sqlite3.Row) -> Dataset:
         return pydicom.dcmread(self.path(row), stop_before_pixels=True)
 
