@@ -25,6 +25,7 @@ from appliance.log import get_logger
 from appliance.modality import ModalitySimulator
 from appliance.pipeline.service import ImagePipeline
 from appliance.relay.actions import CloudActions
+from appliance.relay.fetch import ImageFetch
 from appliance.relay.listener import RelayListener
 from appliance.relay.outbox import Outbox
 from appliance.relay.sender import RelaySender
@@ -95,7 +96,8 @@ class Appliance:
 
     def _relay_listener(self, key: bytes) -> RelayListener:
         relay = self.config.relay
-        actions = CloudActions(self.worklist, self.health, simulator=self._simulator)
+        fetch = ImageFetch(self.layout, relay.fetch_kbps, relay.fetch_concurrency)
+        actions = CloudActions(self.worklist, self.health, simulator=self._simulator, fetch=fetch)
         return RelayListener(
             name="relay-listener",
             endpoint=relay.url,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -198,6 +199,42 @@ def cmd_dev_relay_emulator(args: argparse.Namespace) -> int:
             )
 
     trio.run(serve)
+    return 0
+
+
+def cmd_dev_cloud_fetch(args: argparse.Namespace) -> int:
+    """The cloud fetching stored images (image.fetch): files land in --out, hash-checked."""
+    from appliance.relay.cloud import FetchFailed, fetch
+
+    relay = _load(args).relay
+    key = config_module.read_secret(relay.key_file, "relay.key_file")
+    target = {"study_instance_uid": args.study} if args.study else {"sop_instance_uid": args.sop}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def progress(uid: str, offset: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\r{uid}: {offset} bytes", end="", file=sys.stderr, flush=True)
+
+    try:
+        files = trio.run(
+            partial(
+                fetch,
+                relay.url,
+                relay.namespace,
+                relay.actions_path,
+                relay.key_name,
+                key,
+                target,
+                out,
+                on_chunk=progress,
+            )
+        )
+    except FetchFailed as exc:
+        print(f"cloud fetch: {exc}", file=sys.stderr)
+        return 1
+    for file in files:
+        print(f"{file}  {file.stat().st_size} bytes  sha256 ok")
     return 0
 
 
@@ -414,6 +451,13 @@ def _parser() -> argparse.ArgumentParser:
     command(
         cloud_sub, "events", "acknowledge and print the appliance's events", cmd_dev_cloud_events
     )
+    fetch = command(
+        cloud_sub, "fetch", "fetch stored images (image.fetch), resuming", cmd_dev_cloud_fetch
+    )
+    which = fetch.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", help="Study Instance UID: every stored instance")
+    which.add_argument("--sop", help="SOP Instance UID: one instance")
+    fetch.add_argument("--out", default=".", help="where the files go (default: here)")
     fsck = command(commands, "fsck", "reconcile stored files with the index, repairing", cmd_fsck)
     fsck.add_argument(
         "--verify-hashes", action="store_true", help="re-read every file and check its SHA-256"

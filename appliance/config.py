@@ -239,6 +239,9 @@ class RelayConfig:
     delivered_retention_days: float = field(default=30.0, validator=_positive)
     ping_interval_s: float = field(default=30.0, validator=_positive)
     ping_timeout_s: float = field(default=10.0, validator=_positive)
+    #: image.fetch: bandwidth shared by all fetches, in kbit/s (0: no limit); how many at once.
+    fetch_kbps: int = field(default=20_000, validator=_non_negative)
+    fetch_concurrency: int = field(default=2, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.enabled and not self.namespace:

@@ -216,6 +216,16 @@ class IndexReader:
         finally:
             db.close()
 
+    def study(self, study_instance_uid: str) -> list[sqlite3.Row]:
+        db = self._connect()
+        try:
+            return db.execute(
+                "SELECT * FROM stored_instances WHERE study_instance_uid = ?",
+                (study_instance_uid,),
+            ).fetchall()
+        finally:
+            db.close()
+
     def header(self, row: sqlite3.Row) -> Dataset:
         return pydicom.dcmread(self.path(row), stop_before_pixels=True)
 

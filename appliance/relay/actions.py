@@ -19,6 +19,7 @@ from attrs import frozen
 from appliance.config import strict_converter
 from appliance.log import get_logger
 from appliance.modality import ModalitySimulator, SimulationError
+from appliance.relay.fetch import FetchError, FetchRequest, ImageFetch
 from appliance.worklist.store import CANCELLED, WorklistError, WorklistItem, WorklistStore
 
 log = get_logger("relay")
@@ -107,10 +108,12 @@ class CloudActions:
         worklist: WorklistStore,
         health: Callable[[], Awaitable[dict[str, Any]]],
         simulator: Callable[[], ModalitySimulator] | None = None,
+        fetch: ImageFetch | None = None,
     ) -> None:
         self._worklist = worklist
         self._health = health
         self._simulator = simulator
+        self._fetch = fetch
         self._handlers = {
             "worklist.create_item": self._create_item,
             "worklist.create_test_item": self._create_test_item,
@@ -120,8 +123,9 @@ class CloudActions:
             "echo": self._echo,
         }
 
-    async def handle(self, text: str) -> str:
-        """One action in, one reply out; never raises."""
+    async def handle(self, text: str, channel: Any = None) -> str:
+        """One action in, one reply out; never raises. `channel` is the rendezvous WebSocket,
+        for actions that stream before their reply (image.fetch)."""
         action_id = None
         try:
             message = json.loads(text)
@@ -129,10 +133,12 @@ class CloudActions:
                 raise ActionError("an action is a JSON object")
             action_id = message.get("action_id")
             action_type = message.get("action_type")
-            handler = self._handlers.get(action_type)
-            if handler is None:
+            if action_type == "image.fetch":
+                reply = await self._image_fetch(message.get("parameters") or {}, channel)
+            elif action_type in self._handlers:
+                reply = await self._handlers[action_type](message.get("parameters") or {}, message)
+            else:
                 raise ActionError(f"unknown action_type {action_type!r}")
-            reply = await handler(message.get("parameters") or {}, message)
             log.info(
                 "action.done",
                 action_type=action_type,
@@ -142,7 +148,7 @@ class CloudActions:
         except json.JSONDecodeError as exc:
             reply = {"status": "error", "message": f"malformed JSON: {exc}"}
             log.warning("action.refused", phase="action", reason="malformed JSON")
-        except (ActionError, WorklistError) as exc:
+        except (ActionError, WorklistError, FetchError) as exc:
             reply = {"status": "error", "message": str(exc)}
             if isinstance(exc, WorklistError):
                 reply["code"] = exc.code
@@ -193,6 +199,13 @@ class CloudActions:
 
     async def _report_health(self, parameters: Any, message: dict) -> dict:
         return {"status": "ok", "health": await self._health()}
+
+    async def _image_fetch(self, parameters: Any, channel: Any) -> dict:
+        if self._fetch is None:
+            raise ActionError("image.fetch is not available here")
+        if channel is None:
+            raise ActionError("image.fetch streams: send it on a connection, not as a request")
+        return await self._fetch.run(_structure(parameters, FetchRequest), channel)
 
     async def _echo(self, parameters: Any, message: dict) -> dict:
         return {"status": "echo", "payload": message.get("payload", parameters)}

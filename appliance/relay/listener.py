@@ -46,7 +46,7 @@ class RelayListener(RelayClient):
         path: str,
         key_name: str,
         key: bytes,
-        handle: Callable[[str], Awaitable[str]] | None = None,
+        handle: Callable[..., Awaitable[str]] | None = None,
         conversation: Callable[[WebSocketConnection], Awaitable[None]] | None = None,
         token_lifetime: float = 3600.0,
         ping_interval: float = 30.0,
@@ -87,6 +87,18 @@ class RelayListener(RelayClient):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # Started at once: DICOM service must not wait for the cloud; status shows the relay.
         task_status.started()
+        try:
+            # Conversations outlive the control channel they were accepted on: a long image.fetch
+            # goes on while the channel is reopened.
+            async with trio.open_nursery() as conversations:
+                await self._listen(conversations)
+        except BaseExceptionGroup as group:
+            single = errors.plain(group, Exception)
+            if single is not None:
+                raise single from None
+            raise
+
+    async def _listen(self, conversations: trio.Nursery) -> None:
         while True:
             try:
                 url, expiry = self._url("listen", **{"sb-hc-id": self.name})
@@ -104,7 +116,7 @@ class RelayListener(RelayClient):
                     self._connected()
                     self.last_contact = self._clock()
                     log.info("relay.listening", listener=self.name, path=self._path)
-                    await self._serve(control, expiry)
+                    await self._serve(control, expiry, conversations)
             except ConnectionRejected as exc:
                 self._rejected(exc, not_found="handshake")
                 if exc.status_code == 404:  # no such hybrid connection: configuration
@@ -115,7 +127,9 @@ class RelayListener(RelayClient):
                 self._failed("connect", f"{type(exc).__name__}: {exc}")
             await self._back_off()
 
-    async def _serve(self, control: WebSocketConnection, expiry: float) -> None:
+    async def _serve(
+        self, control: WebSocketConnection, expiry: float, conversations: trio.Nursery
+    ) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keepalive, control, nursery.cancel_scope)
@@ -126,7 +140,7 @@ class RelayListener(RelayClient):
                     try:
                         message = json.loads(text)
                         if "accept" in message:
-                            nursery.start_soon(self._accept, message["accept"])
+                            conversations.start_soon(self._accept, message["accept"])
                         elif "request" in message:
                             await self._request(control, message["request"])
                     except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -184,7 +198,7 @@ class RelayListener(RelayClient):
     async def _one_action(self, rendezvous: WebSocketConnection) -> None:
         request = await rendezvous.get_message()
         text = request if isinstance(request, str) else request.decode("utf-8", "replace")
-        await rendezvous.send_message(await self._handle(text))
+        await rendezvous.send_message(await self._handle(text, rendezvous))
 
     async def _request(self, control: WebSocketConnection, request: dict) -> None:
         """HTTP request mode, small bodies inline on the control channel."""

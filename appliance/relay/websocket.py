@@ -91,4 +91,7 @@ async def websocket_over(
             raise ConnectionClosed(CloseReason(1006, str(single))) from None
         if single is not None:
             raise single from None
+        found = list(errors.leaves(group))
+        if len(found) == 1 and isinstance(found[0], Exception):
+            raise found[0] from None  # the caller's own exception, from the body
         raise
