@@ -8,6 +8,7 @@ and the two private attributes the storage SCP needs are read here too (pynetdic
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pydicom
@@ -17,6 +18,7 @@ from pynetdicom import _config, dimse_messages, evt
 from pynetdicom.association import Association
 from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.transport import AssociationSocket
 
 from appliance.storage.spool import SpoolFile
 
@@ -45,6 +47,23 @@ def configure(spool_dir: Path) -> None:
     dimse_messages.NamedTemporaryFile = spool_file  # type: ignore[attr-defined]
     if not getattr(Association.send_c_store, "sends_stored_files", False):
         Association.send_c_store = _send_c_store  # type: ignore[method-assign]
+    if not getattr(AssociationSocket._create_socket, "no_delay", False):
+        AssociationSocket._create_socket = _create_socket  # type: ignore[method-assign]
+
+
+_create_socket_original = AssociationSocket._create_socket
+
+
+def _create_socket(self: AssociationSocket, address: object) -> socket.socket:
+    """Outgoing associations (C-MOVE sub-operations, commitment reports) without Nagle, as the
+    servers' accepted sockets: each DIMSE message ends in a small write that would otherwise
+    wait for the peer's delayed ACK."""
+    sock = _create_socket_original(self, address)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+_create_socket.no_delay = True  # type: ignore[attr-defined]
 
 
 _send_c_store_original = Association.send_c_store
