@@ -6,13 +6,14 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 import attrs
 import trio
 from pynetdicom import DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import Verification
 
-from appliance import __version__, status
+from appliance import __version__, metrics, status
 from appliance.config import Config, read_secret
 from appliance.db import connect
 from appliance.dicom import _pynetdicom
@@ -33,6 +34,7 @@ from appliance.sdnotify import Notifier
 from appliance.storage.index import StoredInstance
 from appliance.storage.layout import StorageLayout, ensure_directory
 from appliance.storage.recovery import recover
+from appliance.storage.retention import StorageHousekeeper
 from appliance.storage.spool import SpoolSweeper
 from appliance.storage.store import InstanceStore
 from appliance.studies import StudyTracker
@@ -96,7 +98,12 @@ class Appliance:
 
     def _relay_listener(self, key: bytes) -> RelayListener:
         relay = self.config.relay
-        fetch = ImageFetch(self.layout, relay.fetch_kbps, relay.fetch_concurrency)
+        fetch = ImageFetch(
+            self.layout,
+            relay.fetch_kbps,
+            relay.fetch_concurrency,
+            on_fetched=lambda uid: self.store.write(self.store.index.released, "fetched_at", [uid]),
+        )
         actions = CloudActions(self.worklist, self.health, simulator=self._simulator, fetch=fetch)
         return RelayListener(
             name="relay-listener",
@@ -204,8 +211,15 @@ class Appliance:
         deadline = trio.current_time()
         while True:
             await trio.to_thread.run_sync(status.write, self.config.state_dir, self.snapshot())
+            await trio.to_thread.run_sync(self._write_metrics)
             deadline += status.WRITE_INTERVAL
             await trio.sleep_until(deadline)
+
+    def _write_metrics(self) -> None:
+        floor = self.config.dicom.storage.min_free_mb * 1024 * 1024
+        live = status.read(self.config.state_dir, floor)
+        path = Path(self.config.metrics.textfile or self.config.state_dir / "metrics.prom")
+        metrics.write_textfile(path, metrics.METRICS.render(metrics.gauges(live)))
 
     def _describe(self) -> str:
         servers = (self.storage_server, self.worklist_server)
@@ -235,7 +249,12 @@ class Appliance:
         storage_scp = StorageSCP(self.store, door, dicom.storage.min_free_mb * 1024 * 1024)
         qr_scp = QueryRetrieveSCP(self.layout, dicom.destinations)
         commitment_scp = StorageCommitmentSCP(
-            self.layout, dicom.storage.ae_title, dicom.destinations
+            self.layout,
+            dicom.storage.ae_title,
+            dicom.destinations,
+            on_committed=lambda uids: door.run(
+                self.store.write, self.store.index.released, "committed_at", uids
+            ),
         )
         self.storage_server = self._server(
             "storage-scp",
@@ -256,6 +275,9 @@ class Appliance:
         )
         # An active transfer touches its spool file continuously; an idle association is aborted
         # after network_timeout_s. Anything much older belongs to an association that is gone.
+        self.housekeeper = StorageHousekeeper(
+            self.store, self.config.retention, dicom.storage.min_free_mb * 1024 * 1024
+        )
         sweeper = SpoolSweeper(self.layout.spool, older_than=max(300, 4 * dicom.network_timeout_s))
         services = []
         if self.config.relay.enabled:
@@ -271,6 +293,7 @@ class Appliance:
                 (self.worklist_server, self.policy),
                 (sweeper, self.policy),
                 (WorklistHousekeeper(self.worklist, self.config.worklist), self.policy),
+                (self.housekeeper, self.policy),
                 (self.pipeline, self.policy),
                 (self.studies, self.policy),
             ],

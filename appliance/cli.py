@@ -374,6 +374,59 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if found["running"] else 1
 
 
+def cmd_retention(args: argparse.Namespace) -> int:
+    """One retention pass with progress: a dry run any time, a real one only while the
+    appliance is stopped (it runs retention itself)."""
+    from appliance import status
+    from appliance.storage.layout import StorageLayout
+    from appliance.storage.recovery import ProgressPrinter
+    from appliance.storage.retention import StorageHousekeeper
+    from appliance.storage.store import InstanceStore
+
+    config = _load(args)
+    if not args.dry_run and status.read(config.state_dir, 0)["running"]:
+        print(
+            "retention: the appliance is running and deletes on its own schedule;"
+            " use --dry-run to see what it would delete",
+            file=sys.stderr,
+        )
+        return 2
+    if config.retention.keep_days <= 0:
+        print("retention: retention.keep_days is 0 (keep everything): nothing to do")
+        return 0
+    store = InstanceStore(StorageLayout(config.state_dir))
+    store.open()
+    housekeeper = StorageHousekeeper(store, config.retention, 0)
+    printer = ProgressPrinter(lambda line: print(line.replace("fsck: ", ""), file=sys.stderr))
+    try:
+        report = trio.run(partial(housekeeper.retention_pass, args.dry_run, printer))
+    finally:
+        store.close()
+    verb = "would delete" if args.dry_run else "deleted"
+    count = report.candidates if args.dry_run else report.deleted
+    print(
+        f"retention: {verb} {count} images ({report.bytes_freed / 1e6:.1f} MB) stored before"
+        f" {housekeeper.cutoff()[:10]}, in {report.seconds:.1f} s"
+    )
+    return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from appliance.selftest import SelfTest
+
+    config = _load(args)
+    say = (lambda line: None) if args.json else print
+    say(f"selftest of the appliance in {config.state_dir}:")
+    report = SelfTest(config, timeout=args.timeout, say=say).run().as_dict()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif report["ok"]:
+        print("selftest passed")
+    else:
+        print(f"selftest FAILED in phase {report['failed_phase']}: {report['detail']}")
+    return 0 if report["ok"] else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     # `--config` may come before or after the sub-command: operators type both.
     common = argparse.ArgumentParser(add_help=False)
@@ -396,6 +449,15 @@ def _parser() -> argparse.ArgumentParser:
     config_sub = config_cmd.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     command(config_sub, "check", "validate and print the effective config", cmd_config_check)
     status_cmd = command(commands, "status", "what the running appliance is doing", cmd_status)
+    retention = command(
+        commands, "retention", "delete images past retention (safe ones only)", cmd_retention
+    )
+    retention.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    selftest = command(
+        commands, "selftest", "a synthetic participant through the live appliance", cmd_selftest
+    )
+    selftest.add_argument("--timeout", type=float, default=60.0, help="per waiting phase, s")
+    selftest.add_argument("--json", action="store_true", help="the report as JSON")
     status_cmd.add_argument("--json", action="store_true", help="machine-readable, stable keys")
     worklist = command(commands, "worklist", "the modality worklist")
     worklist_sub = worklist.add_subparsers(dest="worklist_command", required=True, metavar="ACTION")

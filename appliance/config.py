@@ -200,6 +200,28 @@ class StudiesConfig:
     check_interval_s: float = field(default=2.0, validator=_positive)
 
 
+def _at_least_one(_inst: object, attribute: attrs.Attribute, value: float) -> None:
+    if value < 1:
+        raise FieldError(attribute, f"{value} must be at least 1 (day)")
+
+
+@frozen
+class RetentionConfig:
+    #: Stored images older than this (days) are deleted once safe; 0 keeps everything.
+    keep_days: float = field(default=0.0, validator=_non_negative)
+    #: Never delete anything younger than this, whatever keep_days says.
+    safety_days: float = field(default=7.0, validator=_at_least_one)
+    #: Also require a storage commitment or a cloud image.fetch of the image before deleting it.
+    require_commit_or_fetch: bool = False
+    interval_s: float = field(default=3600.0, validator=_positive)
+
+
+@frozen
+class MetricsConfig:
+    #: Prometheus text file for node_exporter's textfile collector; empty: state_dir/metrics.prom
+    textfile: str = ""
+
+
 @frozen
 class LogConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -267,6 +289,8 @@ class Config:
     pipeline: PipelineConfig = PipelineConfig()
     studies: StudiesConfig = StudiesConfig()
     log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    retention: RetentionConfig = RetentionConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     relay: RelayConfig = RelayConfig()
 

@@ -8,8 +8,10 @@ is a named phase; a failure raises SimulationError naming it.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from attrs import frozen
 from pydicom import Dataset
@@ -86,22 +88,31 @@ class ModalitySimulator:
         started = time.monotonic()
         item = self.query(accession)
         progress(f"worklist query: found {accession}")
-        mpps_uid = generate_uid(synthetic.UID_ROOT)
+        mpps_uid = self.new_mpps_uid()
+        with self.mpps_association() as assoc:
+            self.mpps_start(assoc, item, mpps_uid)
+            progress("mpps: IN PROGRESS")
+            stored = self.store(item)
+            progress(f"store: {len(stored)} views stored")
+            self.mpps_complete(assoc, mpps_uid, stored)
+            progress(f"mpps: COMPLETED ({time.monotonic() - started:.1f} s)")
+        return stored
+
+    @staticmethod
+    def new_mpps_uid() -> str:
+        return generate_uid(synthetic.UID_ROOT)
+
+    @contextlib.contextmanager
+    def mpps_association(self) -> Iterator[Any]:
         assoc = self._associate(
             [ModalityPerformedProcedureStep], self.worklist_port, self.worklist_ae, "mpps start"
         )
         try:
-            self._mpps_start(assoc, item, mpps_uid)
-            progress("mpps: IN PROGRESS")
-            stored = self._store(item)
-            progress(f"store: {len(stored)} views stored")
-            self._mpps_complete(assoc, mpps_uid, stored)
-            progress(f"mpps: COMPLETED ({time.monotonic() - started:.1f} s)")
+            yield assoc
         finally:
             assoc.release()
-        return stored
 
-    def _mpps_start(self, assoc, item: Dataset, mpps_uid: str) -> None:
+    def mpps_start(self, assoc, item: Dataset, mpps_uid: str) -> None:
         step = Dataset()
         step.AccessionNumber = item.AccessionNumber
         step.ScheduledProcedureStepID = item.ScheduledProcedureStepSequence[0].get(
@@ -122,7 +133,7 @@ class ModalitySimulator:
         if not status or status.Status != 0x0000:
             raise SimulationError("mpps start", f"N-CREATE status {status.get('Status')}")
 
-    def _store(self, item: Dataset) -> list[str]:
+    def store(self, item: Dataset) -> list[str]:
         assoc = self._associate(
             [DigitalMammographyXRayImageStorageForPresentation],
             self.storage_port,
@@ -146,13 +157,15 @@ class ModalitySimulator:
                 ds.InstanceNumber = number
                 status = assoc.send_c_store(ds)
                 if not status or status.Status != 0x0000:
-                    raise SimulationError("store", f"{laterality}{view}: status {status}")
+                    code = f"0x{status.Status:04X}" if status else "no response"
+                    comment = status.get("ErrorComment", "") if status else ""
+                    raise SimulationError("store", f"{laterality}{view}: status {code} {comment}")
                 stored.append(str(ds.SOPInstanceUID))
         finally:
             assoc.release()
         return stored
 
-    def _mpps_complete(self, assoc, mpps_uid: str, stored: list[str]) -> None:
+    def mpps_complete(self, assoc, mpps_uid: str, stored: list[str]) -> None:
         ds = Dataset()
         ds.PerformedProcedureStepStatus = "COMPLETED"
         ds.PerformedProcedureStepEndDate = time.strftime("%Y%m%d")

@@ -15,6 +15,7 @@ overtake the response or lose its answer. Units are configured with a commitment
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -47,11 +48,13 @@ class StorageCommitmentSCP:
         layout: StorageLayout,
         ae_title: str,
         destinations: tuple[DestinationConfig, ...],
+        on_committed: Callable[[list[str]], None] = lambda uids: None,
     ) -> None:
         self._layout = layout
         self._index = IndexReader(layout)
         self._ae_title = ae_title
         self._destinations = {d.ae_title: d for d in destinations}
+        self._on_committed = on_committed
 
     def handlers(self) -> list[Handler]:
         return [(evt.EVT_N_ACTION, self.handle_action)]
@@ -142,6 +145,10 @@ class StorageCommitmentSCP:
         try:
             report = self.result(transaction, references)
             event_type = 2 if "FailedSOPSequence" in report else 1
+            # Recorded before the modality hears it: retention may rely on what it was told.
+            self._on_committed(
+                [str(i.ReferencedSOPInstanceUID) for i in report.get("ReferencedSOPSequence", [])]
+            )
             self._send(destination, report, event_type)
         except Exception as exc:
             log.exception(

@@ -35,6 +35,7 @@ from appliance.dicom import matching
 from appliance.dicom._pynetdicom import StoredFile
 from appliance.dicom.server import Handler, status
 from appliance.log import get_logger
+from appliance.metrics import METRICS
 from appliance.storage.layout import StorageLayout
 
 log = get_logger("qr-scp")
@@ -304,6 +305,7 @@ class QueryRetrieveSCP:
     def handle_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
         started = time.perf_counter()
         calling_ae = event.assoc.requestor.ae_title
+        METRICS.inc("c_find_total", service="query-retrieve")
         answered = 0
         try:
             identifier = event.identifier
@@ -381,6 +383,7 @@ class QueryRetrieveSCP:
         )
 
     def handle_get(self, event: evt.Event) -> Iterator[int | tuple[int, Dataset | None]]:
+        METRICS.inc("retrieve_total", verb="c-get")
         try:
             rows = self._instances(event.identifier, event.request.AffectedSOPClassUID)
         except InvalidIdentifier as exc:
@@ -392,6 +395,7 @@ class QueryRetrieveSCP:
         yield from self._send(event, rows, "get")
 
     def handle_move(self, event: evt.Event) -> Iterator[object]:
+        METRICS.inc("retrieve_total", verb="c-move")
         target = str(event.move_destination).strip()
         known = self._destinations.get(target)
         if known is None:

@@ -21,6 +21,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance.config import DicomConfig
 from appliance.log import get_logger
+from appliance.metrics import METRICS
 
 log = get_logger("dicom")
 
@@ -86,6 +87,9 @@ class _AssociationServer(ThreadedAssociationServer):
 def _log_association(event_name: str) -> Callable[[evt.Event], None]:
     def handler(event: evt.Event) -> None:
         assoc = event.assoc
+        METRICS.inc(
+            "associations_total", server=assoc.ae.ae_title, outcome=event_name.split(".")[-1]
+        )
         log.info(
             event_name,
             server=assoc.ae.ae_title,

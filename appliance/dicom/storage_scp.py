@@ -31,6 +31,7 @@ from pynetdicom import AllStoragePresentationContexts, evt
 from appliance.dicom._pynetdicom import received_spool_file
 from appliance.dicom.server import ApplianceStopping, Handler, TrioDoor, status
 from appliance.log import get_logger
+from appliance.metrics import METRICS
 from appliance.storage.store import (
     DUPLICATE_CONFLICT,
     OUT_OF_RESOURCES,
@@ -77,6 +78,12 @@ class StorageSCP:
         return [(evt.EVT_C_STORE, self.handle_store)]
 
     def handle_store(self, event: evt.Event) -> int | Dataset:
+        result = self._store_one(event)
+        code = result if isinstance(result, int) else int(result.Status)
+        METRICS.inc("c_store_total", status=f"0x{code:04X}")
+        return result
+
+    def _store_one(self, event: evt.Event) -> int | Dataset:
         spooled = Path(event.dataset_path)
         requestor = event.assoc.requestor
         request = event.request
@@ -124,6 +131,7 @@ class StorageSCP:
             study_instance_uid=instance.study_instance_uid,
             **context,
         )
+        METRICS.inc("c_store_bytes_total", size)
         if outcome is Outcome.CONFLICT:
             return status(DUPLICATE_CONFLICT, "UID already stored with other content; kept aside")
         return 0x0000

@@ -25,6 +25,7 @@ from appliance.dicom._pynetdicom import PendingFindWriter
 from appliance.dicom.charsets import codecs_for, encode_for
 from appliance.dicom.server import ApplianceStopping, Handler, TrioDoor, status
 from appliance.log import get_logger
+from appliance.metrics import METRICS
 from appliance.worklist.store import (
     IN_PROGRESS,
     MISSING_ATTRIBUTE,
@@ -189,6 +190,7 @@ class WorklistSCP:
         return self._config.character_set
 
     def handle_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        METRICS.inc("c_find_total", service="worklist")
         started = time.perf_counter()
         calling_ae = event.assoc.requestor.ae_title
         try:
@@ -255,6 +257,12 @@ class WorklistSCP:
             return None, status(0x0110, "Internal error")
         return outcome, 0x0000
 
+    def _counted(self, operation: str, *args: Any) -> tuple[Any, int | Dataset]:
+        outcome, result = self._apply(operation, *args)
+        code = result if isinstance(result, int) else int(result.Status)
+        METRICS.inc("mpps_total", operation=operation, status=f"0x{code:04X}")
+        return outcome, result
+
     def handle_n_create(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
         attributes = event.attribute_list
         steps = attributes.get("ScheduledStepAttributesSequence")
@@ -262,7 +270,7 @@ class WorklistSCP:
             return status(MISSING_ATTRIBUTE, "Scheduled Step Attributes Sequence missing"), None
         uid = event.request.AffectedSOPInstanceUID or generate_uid(UID_ROOT)
         step = steps[0]
-        outcome, result = self._apply(
+        outcome, result = self._counted(
             "n-create",
             self._store.mpps_create,
             str(uid),
@@ -285,7 +293,7 @@ class WorklistSCP:
     def handle_n_set(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
         uid = str(event.request.RequestedSOPInstanceUID)
         modifications = event.modification_list
-        outcome, result = self._apply(
+        outcome, result = self._counted(
             "n-set", self._store.mpps_set, uid, modifications.to_json_dict()
         )
         if outcome is None:

@@ -22,6 +22,7 @@ import trio
 
 from appliance.config import PipelineConfig
 from appliance.log import get_logger
+from appliance.metrics import METRICS
 from appliance.pipeline.render import RenderError, Rendition, render
 from appliance.storage.index import StoredInstance
 from appliance.storage.layout import ensure_directory
@@ -166,6 +167,7 @@ class ImagePipeline:
             preview_path=preview_path,
         )
         self.processed += 1
+        METRICS.inc("images_processed_total", outcome="thumbnail" if jpegs else "metadata-only")
         self._on_processed()
         log.info(
             "image.processed",
@@ -210,6 +212,7 @@ class ImagePipeline:
             source_message_id,
             error=error,
         )
+        METRICS.inc("images_processed_total", outcome="failed")
         self._on_processed()
 
     @staticmethod

@@ -14,6 +14,7 @@ import trio
 from trio_websocket import ConnectionRejected, WebSocketConnection
 
 from appliance.log import get_logger
+from appliance.metrics import METRICS
 from appliance.relay.sas import make_token, resource_uri
 from appliance.relay.websocket import open_websocket
 
@@ -64,6 +65,7 @@ class RelayClient:
 
     def _failed(self, phase: str, error: object) -> None:
         self.failures[phase] += 1
+        METRICS.inc("relay_failures_total", client=self.name, phase=phase)
         log.warning("relay.failed", client=self.name, phase=phase, error=str(error)[:300])
 
     def _rejected(self, exc: ConnectionRejected, not_found: str) -> None:
@@ -81,6 +83,7 @@ class RelayClient:
     def _connected(self) -> None:
         self.connected = True
         self._attempt = 0
+        METRICS.inc("relay_connects_total", client=self.name)
 
     async def _back_off(self) -> None:
         self.connected = False

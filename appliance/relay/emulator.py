@@ -85,6 +85,8 @@ class RelayEmulator:
         self.refusals: list[tuple[str, str]] = []
         #: Fault: the next N rendezvous dials are cut as they arrive.
         self.drop_rendezvous = 0
+        #: Fault: hybrid connections that do not exist (listen and connect get 404).
+        self.missing: set[str] = set()
 
     # --- faults -------------------------------------------------------------------------------
 
@@ -188,6 +190,10 @@ class RelayEmulator:
         except TokenError as exc:
             self.refusals.append(("sas-token", str(exc)))
             await request.reject(401, body=str(exc).encode())
+            return
+        if path in self.missing and action in ("listen", "connect"):
+            self.refusals.append(("missing", path))
+            await request.reject(404, body=b"hybrid connection not found")
             return
         if action == "listen":
             await self._listen(request, path, query.get("sb-hc-id", ""), parsed.expiry)

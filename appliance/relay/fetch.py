@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,15 @@ class Bandwidth:
 
 
 class ImageFetch:
-    def __init__(self, layout: StorageLayout, kbps: float, concurrency: int) -> None:
+    def __init__(
+        self,
+        layout: StorageLayout,
+        kbps: float,
+        concurrency: int,
+        on_fetched: Callable[[str], Awaitable[object]] | None = None,
+    ) -> None:
         self._index = IndexReader(layout)
+        self._on_fetched = on_fetched
         self._bandwidth = Bandwidth(kbps * 1000 / 8)
         self._slots = trio.CapacityLimiter(concurrency)
         self.sent_bytes = 0
@@ -152,6 +160,8 @@ class ImageFetch:
         finally:
             stream.close()
         intact = digest.hexdigest() == row["storage_hash"]
+        if intact and self._on_fetched is not None:
+            await self._on_fetched(row["sop_instance_uid"])
         if not intact:
             log.error(
                 "fetch.instance_damaged", phase="read", sop_instance_uid=row["sop_instance_uid"]

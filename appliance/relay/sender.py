@@ -19,6 +19,7 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
 from appliance.log import get_logger
+from appliance.metrics import METRICS
 from appliance.relay.client import BACKOFF, MAX_MESSAGE, RelayClient
 from appliance.relay.outbox import Outbox
 from appliance.relay.websocket import open_websocket
@@ -123,6 +124,7 @@ class RelaySender(RelayClient):
                 continue
             for event in batch:
                 await connection.send_message(json.dumps(event.envelope(self._appliance_id)))
+                METRICS.inc("events_sent_total")
                 with trio.fail_after(self._ack_timeout):
                     reply = await connection.get_message()
                 try:
@@ -133,6 +135,7 @@ class RelaySender(RelayClient):
                     self._failed("ack", f"expected ack for {event.event_id}, got {reply!r:.100}")
                     return
                 await trio.to_thread.run_sync(self._outbox.delivered, event)
+                METRICS.inc("events_acked_total")
                 self.sent += 1
                 self.last_ack = self._clock()
             idle_since = trio.current_time()

@@ -6,6 +6,7 @@ every call through a single-thread limiter. WAL lets status readers use their ow
 
 from __future__ import annotations
 
+import datetime
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,11 @@ PIPELINE_COLUMNS = [
     ("pipeline_error", "TEXT"),
     ("thumbnail_path", "TEXT"),  # relative to derived/
     ("preview_path", "TEXT"),
+]
+#: When someone else took responsibility for an image: retention may require one of them.
+RELEASE_COLUMNS = [
+    ("committed_at", "TEXT"),  # UTC: storage commitment confirmed it to a modality
+    ("fetched_at", "TEXT"),  # UTC: the cloud fetched it whole (image.fetch)
 ]
 
 SCHEMA = (
@@ -98,9 +104,15 @@ class StoredInstance:
     pipeline_error: str | None = None
     thumbnail_path: str | None = None
     preview_path: str | None = None
+    committed_at: str | None = None
+    fetched_at: str | None = None
 
 
 _COLUMNS = [a.name for a in attrs.fields(StoredInstance)]
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
 class Index:
@@ -108,7 +120,7 @@ class Index:
         self._db = connect(path)
         self._db.executescript(SCHEMA)
         present = {row["name"] for row in self._db.execute("PRAGMA table_info(stored_instances)")}
-        for name, declaration in PIPELINE_COLUMNS:
+        for name, declaration in PIPELINE_COLUMNS + RELEASE_COLUMNS:
             if name not in present:
                 self._db.execute(f"ALTER TABLE stored_instances ADD COLUMN {name} {declaration}")
         self._db.execute(
@@ -151,6 +163,35 @@ class Index:
         self._db.execute(
             "DELETE FROM stored_instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
         )
+
+    def released(self, column: str, sop_instance_uids: list[str]) -> None:
+        """Record that storage commitment (`committed_at`) or the cloud (`fetched_at`) has them."""
+        if column not in dict(RELEASE_COLUMNS):
+            raise ValueError(column)
+        self._db.executemany(
+            f"UPDATE stored_instances SET {column} = ? WHERE sop_instance_uid = ?"
+            f" AND {column} IS NULL",
+            [(_utc_now(), uid) for uid in sop_instance_uids],
+        )
+
+    def retention_candidates(
+        self, stored_before: str, require_release: bool, limit: int
+    ) -> list[StoredInstance]:
+        """Images retention may delete, oldest first: stored before the cut-off, processed, and
+        with no image event still waiting for the cloud's ack (delivered events may have been
+        purged since, undelivered ones never are). Rows left half-deleted come first."""
+        released = "AND (committed_at IS NOT NULL OR fetched_at IS NOT NULL)"
+        rows = self._db.execute(
+            "SELECT * FROM stored_instances s WHERE status = 'DELETING' OR (created_at < ?"
+            " AND pipeline_state IN ('DONE', 'FAILED') "
+            + (released if require_release else "")
+            + " AND NOT EXISTS (SELECT 1 FROM events e WHERE e.delivered_at IS NULL"
+            " AND e.event_type IN ('image.received', 'image.failed')"
+            " AND json_extract(e.payload, '$.sop_instance_uid') = s.sop_instance_uid))"
+            " ORDER BY status != 'DELETING', created_at LIMIT ?",
+            (stored_before, limit),
+        ).fetchall()
+        return [StoredInstance(**dict(row)) for row in rows]
 
     def set_status(self, sop_instance_uid: str, status: str) -> None:
         self._db.execute(

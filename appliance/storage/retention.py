@@ -1,0 +1,144 @@
+"""Storage housekeeping under the supervisor: retention, the disk floor alarm, WAL checkpoints.
+
+Retention deletes a stored image and its derived files only when all of these hold: it was
+stored more than `retention.keep_days` ago (never fewer than `retention.safety_days`), the
+pipeline has finished with it, no event about it is still waiting for the cloud's ack, and, with
+`retention.require_commit_or_fetch`, a modality's storage commitment or the cloud's image.fetch
+has confirmed it. With the relay disabled events are never acked, so nothing is deleted.
+
+A deletion marks the row DELETING (committed), removes the files, then the row: a crash in
+between leaves a row the next pass finishes, never a file that recovery would re-index.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from appliance.config import RetentionConfig
+from appliance.log import get_logger
+from appliance.storage.index import StoredInstance
+from appliance.storage.store import InstanceStore
+
+log = get_logger("housekeeping")
+
+BATCH = 200
+DISK_CHECK_S = 30.0
+CHECKPOINT_S = 3600.0
+
+
+@attrs.define
+class RetentionReport:
+    candidates: int = 0
+    deleted: int = 0
+    bytes_freed: int = 0
+    seconds: float = 0.0
+
+
+def _unlink_all(store: InstanceStore, instance: StoredInstance) -> None:
+    derived = store.layout.state_dir / "derived"
+    for relative in (instance.thumbnail_path, instance.preview_path):
+        if relative:
+            (derived / relative).unlink(missing_ok=True)
+    store.layout.absolute(instance.storage_path).unlink(missing_ok=True)
+
+
+class StorageHousekeeper:
+    name = "storage-housekeeping"
+
+    def __init__(
+        self,
+        store: InstanceStore,
+        config: RetentionConfig,
+        floor_bytes: int,
+        now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+    ) -> None:
+        self._store = store
+        self._config = config
+        self._floor = floor_bytes
+        self._now = now
+        self.below_floor = False
+        self.last_retention: RetentionReport | None = None
+
+    def cutoff(self) -> str:
+        days = max(self._config.keep_days, self._config.safety_days)
+        return (self._now() - datetime.timedelta(days=days)).isoformat(timespec="milliseconds")
+
+    async def retention_pass(
+        self, dry_run: bool = False, progress: Callable[[str, int, int], None] | None = None
+    ) -> RetentionReport:
+        """Delete (or, dry, count) every eligible image, in batches, with progress."""
+        report = RetentionReport()
+        started = trio.current_time()
+        index = self._store.index
+        while True:
+            batch = await self._store.read(
+                index.retention_candidates,
+                self.cutoff(),
+                self._config.require_commit_or_fetch,
+                10**9 if dry_run else BATCH,  # a dry run counts everything in one read
+            )
+            if not batch:
+                break
+            report.candidates += len(batch)
+            for instance in batch:
+                if not dry_run:
+                    await self._delete(instance)
+                    report.deleted += 1
+                report.bytes_freed += instance.file_size
+            if progress is not None:
+                progress("retention", report.candidates, report.candidates)
+            log.info(
+                "retention.progress",
+                deleted=report.deleted,
+                candidates=report.candidates,
+                bytes_freed=report.bytes_freed,
+                dry_run=dry_run,
+            )
+            if dry_run:
+                break
+        report.seconds = round(trio.current_time() - started, 3)
+        log.info("retention.done", dry_run=dry_run, **attrs.asdict(report))
+        self.last_retention = report
+        return report
+
+    async def _delete(self, instance: StoredInstance) -> None:
+        index = self._store.index
+        await self._store.write(index.set_status, instance.sop_instance_uid, "DELETING")
+        await trio.to_thread.run_sync(_unlink_all, self._store, instance)
+        await self._store.write(index.delete, instance.sop_instance_uid)
+
+    def check_disk(self) -> int:
+        free = shutil.disk_usage(self._store.layout.state_dir).free
+        below = free < self._floor
+        if below and not self.below_floor:
+            log.error("disk.below_floor", phase="disk", free_bytes=free, floor_bytes=self._floor)
+        elif not below and self.below_floor:
+            log.info("disk.recovered", free_bytes=free, floor_bytes=self._floor)
+        self.below_floor = below
+        return free
+
+    async def checkpoint(self) -> None:
+        """Fold the WAL back into the database so it does not grow between quiet periods."""
+        busy, pages, moved = await self._store.write(
+            lambda: self._store.index.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        )
+        log.info("storage.checkpoint", busy=busy, wal_pages=pages, moved=moved)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        next_retention = next_checkpoint = trio.current_time()
+        while True:
+            await trio.to_thread.run_sync(self.check_disk)
+            now = trio.current_time()
+            if self._config.keep_days > 0 and now >= next_retention:
+                await self.retention_pass()
+                next_retention = now + self._config.interval_s
+            if now >= next_checkpoint:
+                await self.checkpoint()
+                next_checkpoint = now + CHECKPOINT_S
+            await trio.sleep(DISK_CHECK_S)
