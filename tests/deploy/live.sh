@@ -46,6 +46,7 @@ just build >/dev/null
 
 cleanup() {
     [ -n "${emulator:-}" ] && kill "$emulator" 2>/dev/null || true
+    [ -n "${consumer:-}" ] && kill "$consumer" 2>/dev/null || true
     if [ -n "${nspawn:-}" ] && kill -0 "$nspawn" 2>/dev/null; then
         kill -TERM "$nspawn" 2>/dev/null || true  # nspawn shuts the container down cleanly
         for _ in $(seq 50); do kill -0 "$nspawn" 2>/dev/null || break; sleep 0.2; done
@@ -195,6 +196,24 @@ done
 if [ $connected = yes ]; then pass "relay listener connected with the vaulted key (LoadCredential)"
 else inside /opt/screening-gateway/bin/appliance status --config /etc/screening-gateway/appliance.toml || true
     fail "relay not connected"; fi
+
+step "appliance selftest on the provisioned host (the cloud acknowledging through the emulator)"
+cat >"$work/cloud.toml" <<TOML
+[relay]
+enabled = true
+namespace = "127.0.0.1:9400"
+endpoint = "ws://127.0.0.1:9400"
+key_file = "$work/relay.key"
+TOML
+in_net "$venv/appliance" --config "$work/cloud.toml" dev cloud events >"$work/cloud-events.log" 2>&1 &
+consumer=$!
+if inside /opt/screening-gateway/bin/appliance selftest --timeout 30 \
+    --config /etc/screening-gateway/appliance.toml >"$work/selftest.log" 2>&1; then
+    pass "selftest passed: $(grep -c ' ok ' "$work/selftest.log") phases ok, events acknowledged"
+else
+    cat "$work/selftest.log"; fail "selftest"
+fi
+kill "$consumer" 2>/dev/null || true
 
 step "systemctl kill -s KILL"
 restarts=$(inside systemctl show -P NRestarts screening-gateway)
