@@ -50,6 +50,11 @@ test-deploy-live: bootstrap
 bench *ARGS: bootstrap
     {{bin}}/python -m tests.bench {{ARGS}}
 
+# Faults and load against the real appliance, a table of figures (--long for the full form; root)
+chaos *ARGS: bootstrap
+    @mkdir -p var
+    {{bin}}/python -m tests.chaos {{ARGS}}
+
 # The whole round trip with real processes: relay emulator, appliance, cloud, a simulated unit
 demo: bootstrap
     {{bin}}/python -m appliance.demo

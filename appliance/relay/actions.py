@@ -145,8 +145,10 @@ class CloudActions:
                 action_id=action_id,
                 status=reply.get("status"),
             )
-        except json.JSONDecodeError as exc:
-            reply = {"status": "error", "message": f"malformed JSON: {exc}"}
+        except (json.JSONDecodeError, RecursionError) as exc:
+            # RecursionError: nesting deeper than the parser goes ({{{{...).
+            reason = exc if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            reply = {"status": "error", "message": f"malformed JSON: {reason}"}
             log.warning("action.refused", phase="action", reason="malformed JSON")
         except (ActionError, WorklistError, FetchError) as exc:
             reply = {"status": "error", "message": str(exc)}

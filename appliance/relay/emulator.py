@@ -328,12 +328,17 @@ class RelayEmulator:
 
 async def _join(a: WebSocketConnection, b: WebSocketConnection) -> None:
     async def pump(source: WebSocketConnection, target: WebSocketConnection) -> None:
+        code, reason = 1000, None
         try:
             while True:
                 await target.send_message(await source.get_message())
-        except ConnectionClosed:
-            pass
-        await target.aclose()
+        except ConnectionClosed as exc:
+            # Pass the close on as it was given (e.g. 1009 message too big), as the relay does.
+            code, reason = exc.reason.code or 1000, exc.reason.reason
+        if code in (1005, 1006):  # no status / abnormal: not codes one may send
+            code = 1000
+        for side in (source, target):  # whichever end closed, the other hears the same
+            await side.aclose(code, reason)
         nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:
