@@ -261,32 +261,22 @@ def sent(paths: list[Path]) -> dict[str, Path]:
     return retrieved(paths[0].parent)
 
 
-def test_c_get_returns_the_stored_bytes_in_the_stored_transfer_syntax(site, tmp_path):
+def getscu(site, tmp_path: Path, *flags: str) -> Path:
+    """dcmtk getscu (Study Root) for Beth's study; the directory the files landed in."""
     out = tmp_path / "get"
     out.mkdir()
     result = subprocess.run(
-        [
-            "getscu",
-            "-S",
-            "+xv",
-            "-aec",
-            "SCREENING_PACS",
-            "-aet",
-            "MODALITY1",
-            "-od",
-            str(out),
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            f"StudyInstanceUID={study_uid(site['beth'])}",
-            "127.0.0.1",
-            str(site["app"].ports["storage"]),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+        ["getscu", "-S", *flags, "-aec", "SCREENING_PACS", "-aet", "MODALITY1", "-od", str(out),
+         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid(site['beth'])}",
+         "127.0.0.1", str(site["app"].ports["storage"])],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_c_get_returns_the_stored_bytes_in_the_stored_transfer_syntax(site, tmp_path):
+    out = getscu(site, tmp_path, "+xv")
     got, original = retrieved(out), sent(site["beth"])
     assert set(got) == set(original)
     for sop_uid, path in got.items():
@@ -295,30 +285,7 @@ def test_c_get_returns_the_stored_bytes_in_the_stored_transfer_syntax(site, tmp_
 
 
 def test_c_get_decodes_only_when_the_requester_cannot_take_the_stored_syntax(site, tmp_path):
-    out = tmp_path / "get"
-    out.mkdir()
-    result = subprocess.run(
-        [
-            "getscu",
-            "-S",
-            "-aec",
-            "SCREENING_PACS",
-            "-aet",
-            "MODALITY1",
-            "-od",
-            str(out),
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            f"StudyInstanceUID={study_uid(site['beth'])}",
-            "127.0.0.1",
-            str(site["app"].ports["storage"]),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
+    out = getscu(site, tmp_path)
     got, plain = retrieved(out), sent(site["beth_plain"])
     assert set(got) == set(plain)
     for sop_uid, path in got.items():

@@ -44,6 +44,19 @@ def _sender(port: int, files: list[Path], acked: set[Path], lock: threading.Lock
                 acked.add(files[sent[-1] - 1])
 
 
+def _senders(
+    port: int, pending: list[Path], acked: set[Path], lock: threading.Lock
+) -> list[threading.Thread]:
+    """SENDERS storescu processes at once, each with its share of what is still unacked."""
+    threads = [
+        threading.Thread(target=_sender, args=(port, pending[i::SENDERS], acked, lock))
+        for i in range(SENDERS)
+    ]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
 def _index(state: Path) -> dict[str, sqlite3.Row]:
     with sqlite3.connect(f"file:{state / 'pacs.db'}?mode=ro", uri=True) as db:
         db.row_factory = sqlite3.Row
@@ -80,14 +93,7 @@ def run(work: Path, cycles: int, studies: int) -> Result:
         try:
             app.wait_ready()
             pending = [p for p in files if p not in acked]
-            threads = [
-                threading.Thread(
-                    target=_sender, args=(app.ports["storage"], pending[i::SENDERS], acked, lock)
-                )
-                for i in range(SENDERS)
-            ]
-            for thread in threads:
-                thread.start()
+            threads = _senders(app.ports["storage"], pending, acked, lock)
             time.sleep(rng.uniform(0.05, 0.6))  # mid-ingest (a cycle's batch takes ~0.5-1 s)
             app.proc.send_signal(signal.SIGKILL)
             app.proc.wait(10)
@@ -100,16 +106,9 @@ def run(work: Path, cycles: int, studies: int) -> Result:
     uid_of = {p: synthetic_uid(p) for p in files}
     # Last start: recovery, then every remaining file, then wait for the pipeline.
     with ApplianceProcess(config) as app:
-        pending = [p for p in files if p not in acked]
-        threads = [
-            threading.Thread(
-                target=_sender, args=(app.ports["storage"], pending[i::SENDERS], acked, lock)
-            )
-            for i in range(SENDERS)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
+        for thread in _senders(
+            app.ports["storage"], [p for p in files if p not in acked], acked, lock
+        ):
             thread.join(600)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
