@@ -81,7 +81,7 @@ def run(work: Path, cycles: int, studies: int) -> Result:
     state = work / "crash" / "state"
     acked: set[Path] = set()
     lock = threading.Lock()
-    kills = cut_short = 0
+    kills = unacked_at_kills = 0
     started = time.monotonic()
     rng = random.Random(11)
     for cycle in range(cycles):
@@ -100,7 +100,7 @@ def run(work: Path, cycles: int, studies: int) -> Result:
             kills += 1
             for thread in threads:
                 thread.join(60)
-            cut_short += sum(1 for p in pending if p not in acked)  # the kill came first
+            unacked_at_kills += sum(1 for p in pending if p not in acked)  # kill came first
         finally:
             app.__exit__()
     uid_of = {p: synthetic_uid(p) for p in files}
@@ -110,12 +110,17 @@ def run(work: Path, cycles: int, studies: int) -> Result:
             app.ports["storage"], [p for p in files if p not in acked], acked, lock
         ):
             thread.join(600)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            events = _received_events(state)
-            if len(events) >= len(_index(state)):
+        # The pipeline works through what the kills left behind: wait while it makes progress.
+        drain_started = last_progress = time.monotonic()
+        done = -1
+        while time.monotonic() - last_progress < 60:
+            finished = len(_received_events(state))
+            if finished >= len(_index(state)):
                 break
+            if finished > done:
+                done, last_progress = finished, time.monotonic()
             time.sleep(0.5)
+        pipeline_drain_s = time.monotonic() - drain_started
         app.stop()
     index = _index(state)
     events = _received_events(state)
@@ -157,11 +162,12 @@ def run(work: Path, cycles: int, studies: int) -> Result:
         not broken,
         {
             "kills": kills,
-            "sends_cut_short_by_kills": cut_short,
+            "unacked_at_kills": unacked_at_kills,
             "instances": len(files),
             "acknowledged": len(acked),
             "indexed": len(index),
             "events": sum(events.values()),
+            "pipeline_drain_s": round(pipeline_drain_s, 1),
             "seconds": round(time.monotonic() - started, 1),
         },
         broken,
