@@ -276,7 +276,10 @@ class Appliance:
         # An active transfer touches its spool file continuously; an idle association is aborted
         # after network_timeout_s. Anything much older belongs to an association that is gone.
         self.housekeeper = StorageHousekeeper(
-            self.store, self.config.retention, dicom.storage.min_free_mb * 1024 * 1024
+            self.store,
+            self.config.retention,
+            dicom.storage.min_free_mb * 1024 * 1024,
+            worklist=self.worklist,
         )
         sweeper = SpoolSweeper(self.layout.spool, older_than=max(300, 4 * dicom.network_timeout_s))
         services = []

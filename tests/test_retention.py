@@ -127,3 +127,21 @@ async def test_a_deletion_cut_short_is_finished_and_never_reindexed(store, tmp_p
 
 async def trio_recover(store: InstanceStore):
     return await store.write(recover, store.layout, store.index)
+
+
+async def test_checkpoints_fold_both_write_ahead_logs_back(store, tmp_path):
+    from appliance.worklist.store import WorklistStore
+
+    worklist = WorklistStore(tmp_path / "state" / "worklist.db")
+    worklist.open()
+    try:
+        for n in range(3):
+            await stored(store, tmp_path, f"wal{n}", acked=False)
+        wal = store.layout.state_dir / "pacs.db-wal"
+        assert wal.stat().st_size > 0
+        keeper = StorageHousekeeper(store, RetentionConfig(), 0, worklist=worklist)
+        await keeper.checkpoint()
+        assert wal.stat().st_size == 0
+        assert (tmp_path / "state" / "worklist.db-wal").stat().st_size == 0
+    finally:
+        worklist.close()

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import datetime
 import shutil
+import sqlite3
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import trio
@@ -23,6 +25,7 @@ from appliance.config import RetentionConfig
 from appliance.log import get_logger
 from appliance.storage.index import StoredInstance
 from appliance.storage.store import InstanceStore
+from appliance.worklist.store import WorklistStore
 
 log = get_logger("housekeeping")
 
@@ -56,8 +59,10 @@ class StorageHousekeeper:
         config: RetentionConfig,
         floor_bytes: int,
         now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+        worklist: WorklistStore | None = None,
     ) -> None:
         self._store = store
+        self._worklist = worklist
         self._config = config
         self._floor = floor_bytes
         self._now = now
@@ -123,11 +128,18 @@ class StorageHousekeeper:
         return free
 
     async def checkpoint(self) -> None:
-        """Fold the WAL back into the database so it does not grow between quiet periods."""
-        busy, pages, moved = await self._store.write(
-            lambda: self._store.index.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        )
-        log.info("storage.checkpoint", busy=busy, wal_pages=pages, moved=moved)
+        """Fold each database's WAL back in, so it does not grow between quiet periods."""
+        targets: list[tuple[str, Any, Callable[[], sqlite3.Connection]]] = [
+            ("pacs.db", self._store.write, lambda: self._store.index.db)
+        ]
+        if self._worklist is not None:
+            worklist = self._worklist
+            targets.append(("worklist.db", worklist.write, lambda: worklist.db))
+        for name, write, db in targets:
+            busy, pages, moved = await write(
+                lambda db=db: db().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            )
+            log.info("storage.checkpoint", database=name, busy=busy, wal_pages=pages, moved=moved)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
