@@ -6,7 +6,8 @@ MPPS COMPLETED, thumbnails rendered, the study complete, and (when the relay is 
 event of it acknowledged by the cloud. Each phase is reported with its duration; the first
 failure ends the run and is named. The item is marked as test (its events say "test": true) and
 the test data is removed afterwards: the item, its MPPS, the stored files, their derived images
-and index rows (the delivered events stay in the outbox history).
+and index rows (delivered events stay in the outbox history; without the relay the test's
+events are removed too, since nothing would ever send them).
 """
 
 from __future__ import annotations
@@ -219,6 +220,15 @@ class SelfTest:
 
             detail.append(_wait("events-acked", self._timeout, acked, "every event acknowledged"))
 
+    def _drop_unsendable_events(self, db: sqlite3.Connection) -> None:
+        """Without the relay the test's events could only ever wait in the outbox (or reach the
+        cloud one day about a participant who never was): they go with the rest."""
+        if not self._config.relay.enabled:
+            db.execute(
+                "DELETE FROM events WHERE accession_number = ? AND delivered_at IS NULL",
+                (self.accession,),
+            )
+
     def _cleanup(self) -> None:
         started = time.monotonic()
         layout = StorageLayout(self._state)
@@ -236,6 +246,7 @@ class SelfTest:
                 removed += 1
             db.execute("DELETE FROM stored_instances WHERE accession_number = ?", (self.accession,))
             db.execute("DELETE FROM studies WHERE accession_number = ?", (self.accession,))
+            self._drop_unsendable_events(db)
         with sqlite3.connect(self._state / "worklist.db", timeout=10) as db:
             for table in ("worklist_items", "worklist_archive"):
                 db.execute(
@@ -243,6 +254,7 @@ class SelfTest:
                     (self.accession,),
                 )
             db.execute("DELETE FROM mpps_instances WHERE accession_number = ?", (self.accession,))
+            self._drop_unsendable_events(db)
         seconds = time.monotonic() - started
         self.report.phases.append(("cleanup", seconds, f"{removed} test images removed"))
         self._say(f"  {'cleanup':16} ok  {seconds * 1000:8.0f} ms  {removed} test images removed")

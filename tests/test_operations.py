@@ -131,6 +131,18 @@ async def test_selftest_passes_through_the_relay_and_cleans_up(tmp_path, nursery
     assert not list((tmp_path / "state" / "storage").rglob("*.dcm"))
 
 
+def test_selftest_without_the_relay_leaves_nothing_behind(tmp_path):
+    config = write_config(tmp_path, {"studies": {"check_interval_s": 0.5}})
+    with ApplianceProcess(config):
+        result = cli(config, "selftest")
+        after = json.loads(cli(config, "status", "--json").stdout)
+    assert result.returncode == 0, result.stdout
+    assert "events-acked     --  skipped: relay not configured" in result.stdout
+    assert after["outbox"]["undelivered"] == 0
+    assert not list((tmp_path / "state" / "storage").rglob("*.dcm"))
+    assert not list((tmp_path / "state" / "derived").rglob("*.jpg"))
+
+
 async def test_selftest_names_the_events_phase_when_the_cloud_never_acknowledges(tmp_path, nursery):
     _, config, app = await appliance_with_relay(tmp_path, nursery)
     try:  # no consumer on the events connection: nothing is ever acknowledged
