@@ -8,6 +8,7 @@ peak RSS), latency percentiles for C-STORE (per image) and C-FIND (whole findscu
 
 from __future__ import annotations
 
+import copy
 import datetime
 import statistics
 import subprocess
@@ -82,7 +83,9 @@ def run(work: Path, seconds: float) -> Result:
                     continue
                 study = generate_uid(synthetic.UID_ROOT)
                 for template in views:
-                    ds = template.copy()
+                    # deepcopy: Dataset.copy() shares its elements with the template (and so
+                    # with the other units' threads); pixel bytes are immutable and not copied.
+                    ds = copy.deepcopy(template)
                     ds.StudyInstanceUID = study
                     ds.SOPInstanceUID = generate_uid(synthetic.UID_ROOT)
                     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
