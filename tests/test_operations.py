@@ -143,6 +143,19 @@ def test_selftest_without_the_relay_leaves_nothing_behind(tmp_path):
     assert not list((tmp_path / "state" / "derived").rglob("*.jpg"))
 
 
+def test_retention_by_hand_is_a_dry_run_while_the_appliance_runs(tmp_path):
+    config = write_config(tmp_path, {"retention": {"keep_days": 30}})
+    with ApplianceProcess(config):
+        refused = cli(config, "retention")
+        dry = cli(config, "retention", "--dry-run")
+    assert refused.returncode == 2
+    assert "use --dry-run" in refused.stderr
+    assert dry.returncode == 0
+    assert dry.stdout.startswith("retention: would delete 0 images")
+    stopped = cli(config, "retention")  # the appliance is stopped now: a real pass runs
+    assert (stopped.returncode, stopped.stdout[:25]) == (0, "retention: deleted 0 imag")
+
+
 async def test_selftest_names_the_events_phase_when_the_cloud_never_acknowledges(tmp_path, nursery):
     _, config, app = await appliance_with_relay(tmp_path, nursery)
     try:  # no consumer on the events connection: nothing is ever acknowledged

@@ -145,3 +145,16 @@ async def test_checkpoints_fold_both_write_ahead_logs_back(store, tmp_path):
         assert (tmp_path / "state" / "worklist.db-wal").stat().st_size == 0
     finally:
         worklist.close()
+
+
+async def test_the_disk_floor_alarm_is_raised_once_and_cleared(store, caplog):
+    caplog.set_level("INFO", logger="appliance")
+    below = StorageHousekeeper(store, RetentionConfig(), floor_bytes=1 << 62)
+    below.check_disk()
+    below.check_disk()
+    assert below.below_floor is True
+    assert [r.getMessage() for r in caplog.records].count("disk.below_floor") == 1
+    below._floor = 0  # space came back (here: the floor went)
+    below.check_disk()
+    assert below.below_floor is False
+    assert "disk.recovered" in [r.getMessage() for r in caplog.records]

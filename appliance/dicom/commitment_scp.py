@@ -23,9 +23,9 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.dimse_primitives import N_ACTION
 
 from appliance.config import DestinationConfig
-from appliance.dicom.qr_scp import IndexReader
 from appliance.dicom.server import Handler, status
 from appliance.log import get_logger
+from appliance.storage.index import IndexReader
 from appliance.storage.layout import StorageLayout, file_sha256
 
 log = get_logger("commitment-scp")

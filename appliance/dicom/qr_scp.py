@@ -15,7 +15,6 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
@@ -36,6 +35,7 @@ from appliance.dicom._pynetdicom import StoredFile
 from appliance.dicom.server import Handler, status
 from appliance.log import get_logger
 from appliance.metrics import METRICS
+from appliance.storage.index import IndexReader
 from appliance.storage.layout import StorageLayout
 
 log = get_logger("qr-scp")
@@ -177,61 +177,21 @@ def _uid_list(value: object) -> list[str]:
     return [] if any(c in t for t in texts for c in "*?") else texts
 
 
-class IndexReader:
-    """Read-only queries on the storage index, one connection per request thread."""
+def prefilter(identifier: Dataset) -> tuple[str, list[str]]:
+    """SQL for the stored instances the identifier's UID and ID keys allow (single values or
+    UID lists); wildcards and the rest are left to matching."""
+    where, params = ["status = 'STORED'"], []
+    for keyword, column in [*UNIQUE.values(), ("AccessionNumber", "accession_number")]:
+        values = _uid_list(identifier.get(keyword, "") and identifier[keyword].value)
+        if values:
+            where.append(f"{column} IN ({','.join('?' * len(values))})")
+            params += values
+    return " AND ".join(where), params
 
-    def __init__(self, layout: StorageLayout) -> None:
-        self._layout = layout
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(f"file:{self._layout.index_path}?mode=ro", uri=True)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA busy_timeout=10000")
-        return db
-
-    def rows(self, identifier: Dataset) -> list[sqlite3.Row]:
-        """Stored instances the identifier's UID and ID keys allow (SQL pre-filter)."""
-        where, params = ["status = 'STORED'"], []
-        for keyword, column in [*UNIQUE.values(), ("AccessionNumber", "accession_number")]:
-            values = _uid_list(identifier.get(keyword, "") and identifier[keyword].value)
-            if values:
-                where.append(f"{column} IN ({','.join('?' * len(values))})")
-                params += values
-        db = self._connect()
-        try:
-            return db.execute(
-                "SELECT * FROM stored_instances WHERE "
-                + " AND ".join(where)
-                + " ORDER BY study_instance_uid, series_instance_uid, created_at",
-                params,
-            ).fetchall()
-        finally:
-            db.close()
-
-    def instance(self, sop_instance_uid: str) -> sqlite3.Row | None:
-        db = self._connect()
-        try:
-            return db.execute(
-                "SELECT * FROM stored_instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
-            ).fetchone()
-        finally:
-            db.close()
-
-    def study(self, study_instance_uid: str) -> list[sqlite3.Row]:
-        db = self._connect()
-        try:
-            return db.execute(
-                "SELECT * FROM stored_instances WHERE study_instance_uid = ?",
-                (study_instance_uid,),
-            ).fetchall()
-        finally:
-            db.close()
-
-    def header(self, row: sqlite3.Row) -> Dataset:
-        return pydicom.dcmread(self.path(row), stop_before_pixels=True)
-
-    def path(self, row: sqlite3.Row) -> Path:
-        return self._layout.absolute(row["storage_path"])
+def _rows(index: IndexReader, identifier: Dataset) -> list[sqlite3.Row]:
+    where, params = prefilter(identifier)
+    return index.select(where, params, order="study_instance_uid, series_instance_uid, created_at")
 
 
 def _group(rows: list[sqlite3.Row], level: str) -> dict[str, list[sqlite3.Row]]:
@@ -292,8 +252,10 @@ class QueryRetrieveSCP:
             query.add_new(
                 pydicom.datadict.tag_for_keyword(unique), "UI" if level != "PATIENT" else "LO", None
             )
-        for rows in _group(self._index.rows(identifier), level).values():
-            record = entity_record(level, rows, self._index.header(rows[0]))
+        for rows in _group(_rows(self._index, identifier), level).values():
+            record = entity_record(
+                level, rows, pydicom.dcmread(self._index.path(rows[0]), stop_before_pixels=True)
+            )
             if not matching.matches(query, record):
                 continue
             answer = matching.project(query, record)
@@ -344,7 +306,7 @@ class QueryRetrieveSCP:
             _uid_list(identifier.get(k, "") and identifier[k].value) for k, _ in UNIQUE.values()
         ):
             raise InvalidIdentifier(f"a retrieve at {level} needs its unique key")
-        rows = self._index.rows(identifier)
+        rows = _rows(self._index, identifier)
         wanted = _group(rows, level)
         return [row for group in wanted.values() for row in group]
 

@@ -13,6 +13,7 @@ import json
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,19 @@ from appliance.relay.sas import make_token, resource_uri
 from appliance.relay.websocket import open_websocket
 
 
+def _connect(
+    endpoint: str, namespace: str, path: str, key_name: str, key: bytes
+) -> AbstractAsyncContextManager[WebSocketConnection]:
+    """The sender role on a hybrid connection, with a fresh five-minute token."""
+    token = make_token(resource_uri(namespace, path), key_name, key, int(time.time() + 300))
+    query = urllib.parse.urlencode({"sb-hc-action": "connect", "sb-hc-token": token})
+    return open_websocket(f"{endpoint.rstrip('/')}/$hc/{path}?{query}", max_message_size=16 << 20)
+
+
 async def send_action(
     endpoint: str, namespace: str, path: str, key_name: str, key: bytes, text: str
 ) -> str:
-    token = make_token(resource_uri(namespace, path), key_name, key, int(time.time() + 300))
-    query = urllib.parse.urlencode({"sb-hc-action": "connect", "sb-hc-token": token})
-    async with open_websocket(
-        f"{endpoint.rstrip('/')}/$hc/{path}?{query}", max_message_size=16 << 20
-    ) as ws:
+    async with _connect(endpoint, namespace, path, key_name, key) as ws:
         await ws.send_message(text)
         reply = await ws.get_message()
     return reply if isinstance(reply, str) else reply.decode()
@@ -80,13 +86,9 @@ async def fetch(
             parameters["offset"] = resume[1]
         elif resume is not None:
             parameters["resume_from"] = {"sop_instance_uid": resume[0], "offset": resume[1]}
-        token = make_token(resource_uri(namespace, path), key_name, key, int(time.time() + 300))
-        query = urllib.parse.urlencode({"sb-hc-action": "connect", "sb-hc-token": token})
         part = None
         try:
-            async with open_websocket(
-                f"{endpoint.rstrip('/')}/$hc/{path}?{query}", max_message_size=16 << 20
-            ) as ws:
+            async with _connect(endpoint, namespace, path, key_name, key) as ws:
                 await ws.send_message(
                     json.dumps(
                         {
@@ -96,7 +98,6 @@ async def fetch(
                         }
                     )
                 )
-                part = None
                 while True:
                     message = await ws.get_message()
                     if isinstance(message, bytes):

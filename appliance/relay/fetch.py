@@ -24,8 +24,8 @@ from typing import Any
 import trio
 from attrs import frozen
 
-from appliance.dicom.qr_scp import IndexReader
 from appliance.log import get_logger
+from appliance.storage.index import IndexReader
 from appliance.storage.layout import StorageLayout
 
 log = get_logger("relay")

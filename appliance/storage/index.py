@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import attrs
@@ -16,6 +16,7 @@ from attrs import frozen
 
 from appliance import events
 from appliance.db import connect
+from appliance.storage.layout import StorageLayout
 
 #: Columns added after the first release: (name, declaration); added in place when missing.
 PIPELINE_COLUMNS = [
@@ -275,3 +276,34 @@ class Index:
 
     def count(self) -> int:
         return self._db.execute("SELECT count(*) FROM stored_instances").fetchone()[0]
+
+
+class IndexReader:
+    """Read-only queries on the index for any thread (DICOM handlers, relay fetches): a
+    connection of its own per call, never the writer's."""
+
+    def __init__(self, layout: StorageLayout) -> None:
+        self._layout = layout
+
+    def select(
+        self, where: str, params: Sequence[object] = (), order: str = "created_at"
+    ) -> list[sqlite3.Row]:
+        db = sqlite3.connect(f"file:{self._layout.index_path}?mode=ro", uri=True)
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA busy_timeout=10000")
+            return db.execute(
+                f"SELECT * FROM stored_instances WHERE {where} ORDER BY {order}", params
+            ).fetchall()
+        finally:
+            db.close()
+
+    def instance(self, sop_instance_uid: str) -> sqlite3.Row | None:
+        rows = self.select("sop_instance_uid = ?", (sop_instance_uid,))
+        return rows[0] if rows else None
+
+    def study(self, study_instance_uid: str) -> list[sqlite3.Row]:
+        return self.select("study_instance_uid = ?", (study_instance_uid,))
+
+    def path(self, row: sqlite3.Row) -> Path:
+        return self._layout.absolute(row["storage_path"])
