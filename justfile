@@ -21,10 +21,15 @@ run *ARGS: bootstrap
 test *ARGS: bootstrap lint test-deploy
     {{bin}}/pytest {{ARGS}}
 
-# ruff lint and format check
+# The tests that do not start the appliance as a process: seconds, for the edit-test loop
+test-fast *ARGS: bootstrap
+    {{bin}}/pytest -m "not system" {{ARGS}}
+
+# ruff lint and format check, and mypy (strict on appliance/)
 lint: bootstrap
     {{bin}}/ruff check .
     {{bin}}/ruff format --check .
+    {{bin}}/mypy
 
 # Rewrite formatting and apply safe lint fixes
 fmt: bootstrap
@@ -57,4 +62,4 @@ chaos *ARGS: bootstrap
 
 # The whole round trip with real processes: relay emulator, appliance, cloud, a simulated unit
 demo: bootstrap
-    {{bin}}/python -m appliance.demo
+    {{bin}}/python -m appliance.testing.demo

@@ -1,31 +1,172 @@
-"""SQLite conventions shared by the appliance's databases (pacs.db, worklist.db)."""
+"""One owner per SQLite file: its write connection, its single writer thread, transactions,
+read-only readers for any thread, and WAL checkpoints.
+
+A store (the instance store for pacs.db, the worklist store for worklist.db) owns one
+`Database` and is the only module that executes SQL on that file's tables; other services ask
+the store. Writes run in the database's own writer thread, one at a time, so the Trio thread
+never blocks on SQLite and no two writers ever race for the file. Offline commands (the CLI
+with the appliance stopped) call the same functions through `run_sync`.
+"""
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import queue
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import ParamSpec, TypeVar
 
 import trio
 
+T = TypeVar("T")
+P = ParamSpec("P")
 
-def connect(path: Path) -> sqlite3.Connection:
-    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    connection.execute("PRAGMA journal_mode=WAL")
-    # FULL: a commit is on disk when it returns; answers to modalities depend on it.
-    connection.execute("PRAGMA synchronous=FULL")
+
+def _configure(connection: sqlite3.Connection) -> sqlite3.Connection:
     connection.execute("PRAGMA busy_timeout=10000")
     connection.row_factory = sqlite3.Row
     return connection
 
 
-class SerialWriter:
-    """Runs a store's write operations one at a time in a worker thread: the single owner of
-    its write connection, and never blocking the Trio thread."""
+class Database:
+    def __init__(
+        self,
+        path: Path,
+        schema: str,
+        *,
+        migrate: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> None:
+        self.path = path
+        self._schema = schema
+        self._migrate = migrate
+        self._connection: sqlite3.Connection | None = None
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._after_commit: list[Callable[[], None]] | None = None
+        #: Called (in the writer thread) after a transaction that recorded an outbox event.
+        self.event_listeners: list[Callable[[], None]] = []
 
-    def __init__(self) -> None:
-        self._limiter = trio.CapacityLimiter(1)
+    # --- lifecycle --------------------------------------------------------------------------------
 
-    async def __call__(self, function: Callable[..., Any], *args: Any) -> Any:
-        return await trio.to_thread.run_sync(function, *args, limiter=self._limiter)
+    def open(self) -> None:
+        """Create the file and its tables if needed, and start the writer thread."""
+        self._writer = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"db-{self.path.stem}"
+        )
+        self._writer.submit(self._open_connection).result()
+
+    def _open_connection(self) -> None:
+        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        connection.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk when it returns; answers to modalities depend on it.
+        connection.execute("PRAGMA synchronous=FULL")
+        _configure(connection)
+        connection.executescript(self._schema)
+        if self._migrate is not None:
+            self._migrate(connection)
+        self._connection = connection
+
+    def close(self) -> None:
+        if self._writer is not None:
+            if self._connection is not None:
+                self._writer.submit(self._connection.close).result()
+            self._writer.shutdown(wait=True)
+            self._writer = None
+            self._connection = None
+        while not self._readers.empty():
+            self._readers.get_nowait().close()
+
+    @property
+    def is_open(self) -> bool:
+        return self._connection is not None
+
+    # --- writes: only in the writer thread --------------------------------------------------------
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The write connection: for the owner's functions, which run in the writer thread."""
+        if self._connection is None:
+            raise RuntimeError(f"{self.path.name} is not open")
+        return self._connection
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any exception), on the write connection."""
+        db = self.connection
+        db.execute("BEGIN IMMEDIATE")
+        self._after_commit = []
+        try:
+            yield db
+        except BaseException:
+            self._after_commit = None
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        hooks, self._after_commit = self._after_commit, None
+        for hook in hooks:
+            hook()
+
+    def after_commit(self, hook: Callable[[], None]) -> None:
+        """Run `hook` once the current transaction has committed (never if it rolls back)."""
+        if self._after_commit is None:
+            raise RuntimeError("after_commit outside a transaction")
+        if hook not in self._after_commit:
+            self._after_commit.append(hook)
+
+    def _submit(
+        self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+    ) -> concurrent.futures.Future[T]:
+        if self._writer is None:
+            raise RuntimeError(f"{self.path.name} is not open")
+        return self._writer.submit(function, *args, **kwargs)
+
+    async def write(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run `function` in the writer thread and wait for it. Not cancellable once queued, like
+        a thread call: a write that started is finished and its result not lost to the caller's
+        cancellation (the caller is cancelled right after)."""
+        future = self._submit(function, *args, **kwargs)
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+
+        def wake(_: concurrent.futures.Future[T]) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        future.add_done_callback(wake)
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        return future.result()
+
+    def run_sync(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """The same, from a plain thread (offline commands, pynetdicom threads without Trio)."""
+        return self._submit(function, *args, **kwargs).result()
+
+    def checkpoint(self) -> tuple[int, int, int]:
+        """Fold the WAL back into the database (writer thread): (busy, wal pages, moved)."""
+        busy, pages, moved = self.connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return int(busy), int(pages), int(moved)
+
+    # --- reads: any thread ------------------------------------------------------------------------
+
+    @property
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[sqlite3.Connection]:
+        """A read-only connection for any thread or process (C-FIND, status, fsck's checks):
+        it cannot write, so a reader never becomes a second writer."""
+        try:
+            db = self._readers.get_nowait()
+        except queue.Empty:
+            db = _configure(
+                sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            )
+        try:
+            yield db
+        finally:
+            if db.in_transaction:
+                db.rollback()
+            self._readers.put(db)

@@ -1,33 +1,38 @@
 """`appliance selftest`: health proven by traffic, on the live appliance.
 
 A synthetic participant goes through the whole clinic path against the running appliance's own
-ports: a test worklist item, its worklist query, MPPS IN PROGRESS, four synthetic views stored,
-MPPS COMPLETED, thumbnails rendered, the study complete, and (when the relay is configured) every
-event of it acknowledged by the cloud. Each phase is reported with its duration; the first
-failure ends the run and is named. The item is marked as test (its events say "test": true) and
-the test data is removed afterwards: the item, its MPPS, the stored files, their derived images
-and index rows (delivered events stay in the outbox history; without the relay the test's
-events are removed too, since nothing would ever send them).
+ports. The command asks the appliance, over its control socket, to run its test participant (a
+test worklist item, its worklist query, MPPS IN PROGRESS, four synthetic views stored, MPPS
+COMPLETED), then watches through read-only readers for the thumbnails, the study's completion
+and (when the relay is configured) every event of it acknowledged by the cloud. Each phase is
+reported with its duration; the first failure ends the run and is named. Afterwards it asks the
+appliance to remove the test participant: the appliance deletes its own rows and files (the
+item, its MPPS, the stored files, their derived images and index rows; delivered events stay
+in the outbox history, and without the relay the test's events go too, since nothing would ever
+send them). This command never writes to the appliance's databases.
 """
 
 from __future__ import annotations
 
 import datetime
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from typing import Any
 
 from attrs import define, field
 
+from appliance import control
 from appliance import status as status_module
 from appliance.config import Config
-from appliance.modality import ModalitySimulator, SimulationError
-from appliance.storage.layout import StorageLayout
-from appliance.worklist.store import WorklistItem, WorklistStore
+from appliance.state import StatePaths
+from appliance.storage.store import InstanceStore
+from appliance.worklist.store import WorklistStore
 
 CALLING_AE = "SELFTEST"
+SHAPE = (512, 416)
+#: The appliance's test participant's steps, in order: each is a phase of the self-test.
+UNIT_PHASES = ("worklist-query", "mpps-start", "store", "mpps-complete")
 
 
 class PhaseFailed(Exception):
@@ -43,7 +48,7 @@ class Report:
     failed: str | None = None
     detail: str = ""
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "ok": self.failed is None,
             "failed_phase": self.failed,
@@ -53,12 +58,6 @@ class Report:
                 for name, seconds, detail in self.phases
             ],
         }
-
-
-def _rows(db: Path, sql: str, *params: object) -> list[sqlite3.Row]:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
-        connection.row_factory = sqlite3.Row
-        return connection.execute(sql, params).fetchall()
 
 
 def _wait(phase: str, timeout: float, check: Callable[[], str | None], what: str) -> str:
@@ -78,14 +77,20 @@ class SelfTest:
         self, config: Config, *, timeout: float = 60.0, say: Callable[[str], None] = print
     ) -> None:
         self._config = config
-        self._state = config.state_dir
+        self._paths = StatePaths(config.state_dir)
         self._timeout = timeout
         self._say = say
         self.report = Report()
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d%H%M%S")
         self.accession = f"SELFTEST{stamp[-8:]}"  # SH: at most 16 characters
         self._stored: list[str] = []
-        self._study_uid = ""
+        self._created = False
+        self._images = InstanceStore(self._paths)
+        self._worklist = WorklistStore(self._paths)
+
+    def _passed(self, name: str, seconds: float, detail: str) -> None:
+        self.report.phases.append((name, seconds, detail))
+        self._say(f"  {name:16} ok  {seconds * 1000:8.0f} ms  {detail}")
 
     @contextmanager
     def _phase(self, name: str) -> Iterator[list[str]]:
@@ -93,15 +98,14 @@ class SelfTest:
         detail: list[str] = []
         try:
             yield detail
-        except SimulationError as exc:
-            raise PhaseFailed(name, str(exc).split(": ", 1)[-1]) from None
         except PhaseFailed:
             raise
         except Exception as exc:
             raise PhaseFailed(name, f"{type(exc).__name__}: {exc}") from None
-        seconds = time.monotonic() - started
-        self.report.phases.append((name, seconds, " ".join(detail)))
-        self._say(f"  {name:16} ok  {seconds * 1000:8.0f} ms  {' '.join(detail)}")
+        self._passed(name, time.monotonic() - started, " ".join(detail))
+
+    def _ask(self, action: dict[str, Any], timeout: float) -> dict[str, Any]:
+        return control.request(self._paths.control_socket, action, timeout=timeout)
 
     def run(self) -> Report:
         try:
@@ -110,7 +114,7 @@ class SelfTest:
             self.report.failed, self.report.detail = exc.phase, exc.detail
             self._say(f"  {exc.phase:16} FAILED: {exc.detail}")
         finally:
-            if self.report.failed != "appliance":
+            if self._created:
                 self._cleanup()
         return self.report
 
@@ -118,86 +122,35 @@ class SelfTest:
         with self._phase("appliance") as detail:
 
             def listening() -> str | None:
-                live = status_module.read(self._state, 0)
+                live = status_module.read(self._paths, 0)
                 if not live["running"]:
                     raise PhaseFailed("appliance", "not running (no fresh status.json)")
                 ports = live.get("ports", {})
                 if all(isinstance(ports.get(k), int) for k in ("storage", "worklist")):
-                    return f"pid {live['pid']}"
+                    return f"pid {live['pid']} ports {ports['storage']}/{ports['worklist']}"
                 return None  # just started: the ports are in the next status write
 
             detail.append(_wait("appliance", 10, listening, "both DICOM ports"))
-            ports = status_module.read(self._state, 0)["ports"]
-            detail.append(f"ports {ports['storage']}/{ports['worklist']}")
-        dicom = self._config.dicom
-        host = "127.0.0.1" if dicom.host == "0.0.0.0" else dicom.host
-        unit = ModalitySimulator(
-            host=host,
-            worklist_port=ports["worklist"],
-            storage_port=ports["storage"],
-            worklist_ae=dicom.worklist.ae_title,
-            storage_ae=dicom.storage.ae_title,
-            calling_ae=CALLING_AE,
-            shape=(512, 416),
-        )
-        with self._phase("worklist-item") as detail:
-            store = WorklistStore(self._state / "worklist.db")
-            store.open()
             try:
-                store.create(
-                    WorklistItem(
-                        accession_number=self.accession,
-                        patient_id="SELFTEST",
-                        patient_name="SELFTEST^APPLIANCE",
-                        scheduled_at=datetime.datetime.now(datetime.UTC),
-                        modality="MG",
-                        study_description="Appliance self-test",
-                        is_test=True,
-                    )
-                )
-            finally:
-                store.close()
-            detail.append(self.accession)
-        with self._phase("worklist-query"):
-            item = unit.query(self.accession)
-            self._study_uid = str(item.StudyInstanceUID)
-        mpps_uid = unit.new_mpps_uid()
-        with unit.mpps_association() as assoc:
-            with self._phase("mpps-start"):
-                unit.mpps_start(assoc, item, mpps_uid)
-            with self._phase("store") as detail:
-                self._stored = unit.store(item)
-                detail.append(f"{len(self._stored)} views")
-            with self._phase("mpps-complete"):
-                unit.mpps_complete(assoc, mpps_uid, self._stored)
-        pacs = self._state / "pacs.db"
+                self._ask({"action_type": "echo", "action_id": "selftest", "payload": 1}, 10)
+            except control.ControlUnavailable as exc:
+                raise PhaseFailed("appliance", str(exc)) from None
+        self._participant()
         with self._phase("thumbnails") as detail:
-            marks = ",".join("?" * len(self._stored))
 
             def rendered() -> str | None:
-                rows = _rows(
-                    pacs,
-                    f"SELECT pipeline_state, thumbnail_path FROM stored_instances"
-                    f" WHERE sop_instance_uid IN ({marks})",
-                    *self._stored,
-                )
-                if any(r["pipeline_state"] == "FAILED" for r in rows):
+                rows = self._images.reader.instances(self._stored)
+                if any(r.pipeline_state == "FAILED" for r in rows):
                     raise PhaseFailed("thumbnails", "the pipeline gave up on an image")
-                done = [r for r in rows if r["pipeline_state"] == "DONE" and r["thumbnail_path"]]
+                done = [r for r in rows if r.pipeline_state == "DONE" and r.thumbnail_path]
                 return f"{len(done)} rendered" if len(done) == len(self._stored) else None
 
             detail.append(_wait("thumbnails", self._timeout, rendered, "four thumbnails"))
         with self._phase("study-complete") as detail:
 
             def complete() -> str | None:
-                rows = _rows(
-                    pacs,
-                    "SELECT state, rule FROM studies WHERE accession_number = ?",
-                    self.accession,
-                )
-                return (
-                    f"rule {rows[0]['rule']}" if rows and rows[0]["state"] == "COMPLETE" else None
-                )
+                study = self._images.reader.study_state(self.accession)
+                return f"rule {study.rule}" if study and study.state == "COMPLETE" else None
 
             detail.append(_wait("study-complete", self._timeout, complete, "study.complete"))
         if not self._config.relay.enabled:
@@ -207,54 +160,69 @@ class SelfTest:
         with self._phase("events-acked") as detail:
 
             def acked() -> str | None:
-                total = pending = 0
-                for db in (pacs, self._state / "worklist.db"):
-                    for row in _rows(
-                        db,
-                        "SELECT delivered_at FROM events WHERE accession_number = ?",
-                        self.accession,
-                    ):
-                        total += 1
-                        pending += row["delivered_at"] is None
-                return f"{total} events acknowledged" if total and not pending else None
+                found = self._worklist.events(self.accession) + self._images.events(self.accession)
+                pending = [e for e in found if e["delivered_at"] is None]
+                return f"{len(found)} events acknowledged" if found and not pending else None
 
             detail.append(_wait("events-acked", self._timeout, acked, "every event acknowledged"))
 
-    def _drop_unsendable_events(self, db: sqlite3.Connection) -> None:
-        """Without the relay the test's events could only ever wait in the outbox (or reach the
-        cloud one day about a participant who never was): they go with the rest."""
-        if not self._config.relay.enabled:
-            db.execute(
-                "DELETE FROM events WHERE accession_number = ? AND delivered_at IS NULL",
-                (self.accession,),
-            )
+    def _participant(self) -> None:
+        """The appliance's test participant: its item, then the simulated unit's steps."""
+        now = datetime.datetime.now(datetime.UTC)
+        started = time.monotonic()
+        action = {
+            "action_type": "worklist.create_test_item",
+            "action_id": f"selftest-{self.accession}",
+            "parameters": {
+                "worklist_item": {
+                    "accession_number": self.accession,
+                    "participant": {"nhs_number": "SELFTEST", "name": "SELFTEST^APPLIANCE"},
+                    "scheduled": {
+                        "date": now.strftime("%Y-%m-%d"),
+                        "time": now.strftime("%H:%M:%S"),
+                    },
+                    "procedure": {"modality": "MG", "study_description": "Appliance self-test"},
+                },
+                "unit": {"calling_ae": CALLING_AE, "rows": SHAPE[0], "columns": SHAPE[1]},
+            },
+        }
+        try:
+            reply = self._ask(action, timeout=max(self._timeout, 30))
+        except (control.ControlUnavailable, OSError) as exc:
+            raise PhaseFailed("worklist-item", str(exc)) from None
+        unit_phases = [(name, seconds) for name, seconds in reply.get("phases", [])]
+        if reply.get("test"):
+            self._created = True
+        elif reply.get("status") == "error":
+            raise PhaseFailed("worklist-item", reply.get("message", "refused"))
+        spent = sum(seconds for _, seconds in unit_phases)
+        self._passed("worklist-item", max(time.monotonic() - started - spent, 0), self.accession)
+        for name, seconds in unit_phases:
+            detail = f"{len(reply.get('stored_instances', []))} views" if name == "store" else ""
+            self._passed(name, seconds, detail)
+        if reply.get("status") == "error":
+            phase = reply.get("phase", "simulator")
+            message = str(reply.get("message", "")).split(": ", 1)[-1]
+            raise PhaseFailed(phase, message)
+        self._stored = list(reply.get("stored_instances", []))
 
     def _cleanup(self) -> None:
         started = time.monotonic()
-        layout = StorageLayout(self._state)
-        removed = 0
-        with sqlite3.connect(self._state / "pacs.db", timeout=10) as db:
-            db.row_factory = sqlite3.Row
-            rows = db.execute(
-                "SELECT * FROM stored_instances WHERE accession_number = ?", (self.accession,)
-            ).fetchall()
-            for row in rows:
-                for relative in (row["thumbnail_path"], row["preview_path"]):
-                    if relative:
-                        (self._state / "derived" / relative).unlink(missing_ok=True)
-                layout.absolute(row["storage_path"]).unlink(missing_ok=True)
-                removed += 1
-            db.execute("DELETE FROM stored_instances WHERE accession_number = ?", (self.accession,))
-            db.execute("DELETE FROM studies WHERE accession_number = ?", (self.accession,))
-            self._drop_unsendable_events(db)
-        with sqlite3.connect(self._state / "worklist.db", timeout=10) as db:
-            for table in ("worklist_items", "worklist_archive"):
-                db.execute(
-                    f"DELETE FROM {table} WHERE accession_number = ? AND is_test = 1",
-                    (self.accession,),
-                )
-            db.execute("DELETE FROM mpps_instances WHERE accession_number = ?", (self.accession,))
-            self._drop_unsendable_events(db)
+        try:
+            reply = self._ask(
+                {
+                    "action_type": "worklist.remove_test_item",
+                    "action_id": f"selftest-cleanup-{self.accession}",
+                    "parameters": {"accession_number": self.accession},
+                },
+                timeout=30,
+            )
+        except (control.ControlUnavailable, OSError) as exc:
+            reply = {"status": "error", "message": str(exc)}
         seconds = time.monotonic() - started
-        self.report.phases.append(("cleanup", seconds, f"{removed} test images removed"))
-        self._say(f"  {'cleanup':16} ok  {seconds * 1000:8.0f} ms  {removed} test images removed")
+        if reply.get("status") != "removed":
+            detail = f"not removed: {reply.get('message')}"
+            self.report.phases.append(("cleanup", seconds, detail))
+            self._say(f"  {'cleanup':16} FAILED: {detail}")
+            return
+        self._passed("cleanup", seconds, f"{reply.get('images', 0)} test images removed")

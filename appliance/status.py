@@ -12,31 +12,156 @@ import datetime
 import json
 import os
 import shutil
-import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-STATUS_FILE = "status.json"
+import attrs
+import trio
+
+from appliance import __version__, metrics
+from appliance.log import get_logger
+from appliance.outbox import Outbox
+from appliance.state import StatePaths
+from appliance.storage.index import IndexReader
+from appliance.storage.store import InstanceStore
+from appliance.worklist.store import WorklistStore
+
+log = get_logger("status")
+
 WRITE_INTERVAL = 2.0
 STALE_AFTER = 15.0
 
 
-def write(state_dir: Path, snapshot: dict[str, Any]) -> None:
-    target = state_dir / STATUS_FILE
+class Reporting(Protocol):
+    """A service whose state the status shows: a snapshot, safe to call from the Trio thread."""
+
+    def statistics(self) -> Any: ...
+
+
+def write(paths: StatePaths, snapshot: dict[str, Any]) -> None:
+    target = paths.status_file
     partial = target.with_suffix(".json.partial")
     partial.write_text(json.dumps(snapshot, default=str, sort_keys=True))
     os.replace(partial, target)
 
 
-def _query(path: Path, sql: str, *params: Any) -> Any:
-    if not path.exists():
-        return None
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        try:
-            return db.execute(sql, params).fetchone()
-        except sqlite3.OperationalError:  # a table not created yet
+class StatusReporter:
+    """Supervised: writes status.json and the metrics file every WRITE_INTERVAL from each
+    service's `statistics()`, and answers the cloud's `health` action. A failed write (a full
+    disk) is logged and tried again: status is a side-matter and never stops the clinic."""
+
+    name = "status"
+
+    def __init__(
+        self,
+        paths: StatePaths,
+        metrics_file: Path,
+        floor_bytes: int,
+        *,
+        store: InstanceStore,
+        outbox: Outbox,
+        servers: Callable[[], dict[str, Any]],
+        services: Callable[[], dict[str, Any]],
+        pipeline: Reporting,
+        studies: Reporting,
+        relay: Callable[[], tuple[Reporting | None, Reporting | None]],
+        dicom_host: str,
+    ) -> None:
+        self._paths = paths
+        self._metrics_file = metrics_file
+        self._floor = floor_bytes
+        self._store = store
+        self._outbox = outbox
+        self._servers = servers
+        self._services = services
+        self._pipeline = pipeline
+        self._studies = studies
+        self._relay = relay
+        self._host = "127.0.0.1" if dicom_host == "0.0.0.0" else dicom_host
+        self.started_at = time.time()
+        self._failing = False
+
+    def _relay_statistics(self) -> dict[str, Any] | None:
+        listener, sender = self._relay()
+        if listener is None:
             return None
+        return {
+            "listener": listener.statistics(),
+            "sender": sender.statistics() if sender else None,
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """What `appliance status` shows of this process."""
+        servers = {name: server for name, server in self._servers().items() if server}
+        return {
+            "written_at": time.time(),
+            "version": __version__,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "services": {name: attrs.asdict(state) for name, state in self._services().items()},
+            "ports": {name: server.bound_port for name, server in servers.items()},
+            "associations": sum(server.active_associations() for server in servers.values()),
+            "pipeline": self._pipeline.statistics(),
+            "relay": self._relay_statistics(),
+        }
+
+    async def health(self) -> dict[str, Any]:
+        """Real checks, for the cloud's `health` action and operators."""
+        checks: dict[str, Any] = {}
+        for name, server in self._servers().items():
+            port = server.bound_port if server else None
+            checks[f"{name}_port"] = await _accepts(self._host, port)
+        free = await trio.to_thread.run_sync(self._store.free_bytes)
+        checks["disk"] = {"ok": free > self._floor, "free_bytes": free, "floor_bytes": self._floor}
+        undelivered, oldest = await trio.to_thread.run_sync(self._outbox.undelivered)
+        checks["outbox"] = {"undelivered": undelivered, "oldest_undelivered": oldest}
+        checks["last_image_received"] = await self._store.read(self._store.index.last_received)
+        checks["relay"] = self._relay_statistics() or {"enabled": False}
+        checks["pipeline"] = self._pipeline.statistics()
+        checks["studies"] = self._studies.statistics()
+        healthy = checks["storage_port"] and checks["worklist_port"] and checks["disk"]["ok"]
+        return {
+            "healthy": bool(healthy),
+            "version": __version__,
+            "uptime": round(time.time() - self.started_at),
+            "checks": checks,
+        }
+
+    def _write(self, snapshot: dict[str, Any]) -> None:
+        write(self._paths, snapshot)
+        live = read(self._paths, self._floor)
+        metrics.write_textfile(self._metrics_file, metrics.METRICS.render(metrics.gauges(live)))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        deadline = trio.current_time()
+        while True:
+            try:
+                await trio.to_thread.run_sync(self._write, self.snapshot())
+            except OSError as exc:
+                if not self._failing:
+                    log.error("status.write_failed", phase="status-write", error=str(exc))
+                self._failing = True
+            else:
+                if self._failing:
+                    log.info("status.write_recovered")
+                self._failing = False
+            deadline += WRITE_INTERVAL
+            await trio.sleep_until(deadline)
+
+
+async def _accepts(host: str, port: int | None) -> bool:
+    if port is None:
+        return False
+    try:
+        with trio.fail_after(2):
+            stream = await trio.open_tcp_stream(host, port)
+    except (OSError, trio.TooSlowError):
+        return False
+    await stream.aclose()
+    return True
 
 
 def _alive(pid: int) -> bool:
@@ -49,36 +174,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def read(state_dir: Path, min_free_bytes: int) -> dict[str, Any]:
+def read(paths: StatePaths, min_free_bytes: int) -> dict[str, Any]:
+    """The status file plus what the databases say, through read-only readers."""
     snapshot: dict[str, Any] = {}
-    path = state_dir / STATUS_FILE
-    if path.exists():
-        snapshot = json.loads(path.read_text())
+    if paths.status_file.exists():
+        try:
+            snapshot = json.loads(paths.status_file.read_text())
+        except ValueError:  # being replaced as we read: treat as absent
+            snapshot = {}
     age = time.time() - snapshot.get("written_at", 0)
     running = bool(snapshot) and age < STALE_AFTER and _alive(int(snapshot.get("pid", 0)))
     today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT00:00:00")
-    pacs, worklist = state_dir / "pacs.db", state_dir / "worklist.db"
-    images = _query(pacs, "SELECT count(*) FROM stored_instances WHERE created_at >= ?", today)
-    backlog = _query(pacs, "SELECT count(*) FROM stored_instances WHERE pipeline_state='PENDING'")
-    open_studies = _query(pacs, "SELECT count(*) FROM studies WHERE state = 'OPEN'")
-    undelivered, oldest = 0, []
-    for db in (pacs, worklist):
-        row = _query(db, "SELECT count(*), min(occurred_at) FROM events WHERE delivered_at IS NULL")
-        if row:
-            undelivered += row[0]
-            oldest += [row[1]] if row[1] else []
-    free = shutil.disk_usage(state_dir).free if state_dir.exists() else 0
+    store, worklist = InstanceStore(paths), WorklistStore(paths)
+    summary = store.reader.summary(today) if store.database.exists else IndexReader.empty_summary()
+    undelivered, oldest = Outbox(
+        {"worklist": worklist.database, "images": store.database}
+    ).undelivered()
+    free = shutil.disk_usage(paths.state_dir).free if paths.state_dir.exists() else 0
     return {
         "running": running,
         "status_age_s": round(age, 1) if snapshot else None,
         **{k: v for k, v in snapshot.items() if k not in ("written_at",)},
-        "images_today": images[0] if images else 0,
-        "pipeline_backlog": backlog[0] if backlog else 0,
-        "open_studies": open_studies[0] if open_studies else 0,
-        "outbox": {
-            "undelivered": undelivered,
-            "oldest_undelivered": min(oldest) if oldest else None,
-        },
+        "images_today": summary["images_today"],
+        "pipeline_backlog": summary["pipeline_backlog"],
+        "open_studies": summary["open_studies"],
+        "outbox": {"undelivered": undelivered, "oldest_undelivered": oldest},
         "disk": {"free_bytes": free, "floor_bytes": min_free_bytes, "ok": free > min_free_bytes},
     }
 

@@ -9,10 +9,11 @@ import pydicom
 import pytest
 import trio
 
-from appliance import synthetic
-from appliance.relay.cloud import FetchFailed, fetch, send_action
+from appliance.relay.endpoint import RelayEndpoint
 from appliance.relay.fetch import Bandwidth
-from appliance.storage.layout import StorageLayout
+from appliance.state import StatePaths
+from appliance.testing import synthetic
+from appliance.testing.cloud import FetchFailed, fetch, send_action
 from tests.support import send_files
 from tests.test_relay import KEY, KEY_NAME, cloud_and_appliance
 
@@ -21,11 +22,7 @@ pytestmark = pytest.mark.usefixtures("dcmtk")
 
 async def fetch_from(emulator, target, directory, **options):
     return await fetch(
-        emulator.endpoint,
-        emulator.namespace,
-        "actions",
-        KEY_NAME,
-        KEY,
+        RelayEndpoint(emulator.endpoint, emulator.namespace, "actions", KEY_NAME, KEY),
         target,
         directory,
         **options,
@@ -40,10 +37,11 @@ async def stored_study(tmp_path, app) -> list:
 
 
 def on_disk(app, sop_instance_uid: str) -> bytes:
-    layout = StorageLayout(app.config.parent / "state")
+    layout = StatePaths(app.config.parent / "state")
     return layout.absolute(layout.relative_path(sop_instance_uid)).read_bytes()
 
 
+@pytest.mark.system
 async def test_a_study_fetch_resumes_after_a_dropped_connection(tmp_path, nursery):
     emulator, _, app = await cloud_and_appliance(tmp_path, nursery)
     try:
@@ -78,6 +76,7 @@ async def test_a_study_fetch_resumes_after_a_dropped_connection(tmp_path, nurser
     assert log.count("fetch.done") == 1  # the resumed one
 
 
+@pytest.mark.system
 async def test_fetch_errors_are_structured_replies(tmp_path, nursery):
     emulator, _, app = await cloud_and_appliance(tmp_path, nursery)
     try:
@@ -90,7 +89,8 @@ async def test_fetch_errors_are_structured_replies(tmp_path, nursery):
             )
             return json.loads(
                 await send_action(
-                    emulator.endpoint, emulator.namespace, "actions", KEY_NAME, KEY, text
+                    RelayEndpoint(emulator.endpoint, emulator.namespace, "actions", KEY_NAME, KEY),
+                    text,
                 )
             )
 

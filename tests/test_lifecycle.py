@@ -10,7 +10,7 @@ import pytest
 
 from tests.support import ApplianceProcess, write_config
 
-pytestmark = pytest.mark.usefixtures("dcmtk")
+pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.system]
 
 
 def echoscu(port: int, ae_title: str) -> subprocess.CompletedProcess[str]:

@@ -11,11 +11,12 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep as MPPS
 
-from appliance import synthetic
+from appliance.state import StatePaths
+from appliance.testing import synthetic
 from appliance.worklist.store import WorklistItem, WorklistStore
 from tests.support import ApplianceProcess, send_files, write_config
 
-pytestmark = pytest.mark.usefixtures("dcmtk")
+pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.system]
 ITEM = WorklistItem(
     "ACC-M1",
     "9990000101",
@@ -28,15 +29,14 @@ ITEM = WorklistItem(
 @pytest.fixture
 def appliance(tmp_path):
     (tmp_path / "state").mkdir()
-    store = WorklistStore(tmp_path / "state" / "worklist.db")
+    store = WorklistStore(StatePaths(tmp_path / "state"))
     store.open()
     store.create(ITEM)
     store.close()
     with ApplianceProcess(write_config(tmp_path)) as app:
-        app.worklist = WorklistStore(tmp_path / "state" / "worklist.db")
-        app.worklist.open()
+        # Read-only beside the running appliance: an unopened store reads through its readers.
+        app.worklist = WorklistStore(StatePaths(tmp_path / "state"))
         yield app
-        app.worklist.close()
 
 
 def in_progress(accession: str = "ACC-M1") -> Dataset:
@@ -130,7 +130,7 @@ def test_intermediate_n_set_is_accepted_and_completion_finishes_the_item(applian
     assert completed["event_type"] == "mpps.completed"
     assert completed["source_message_id"] == "cloud-action-1"
     assert completed["payload"]["performed_instances"] == ["1.2.3.4.1", "1.2.3.4.2"]
-    assert appliance.worklist.mpps(uid)["status"] == "COMPLETED"
+    assert appliance.worklist.mpps.get(uid)["status"] == "COMPLETED"
 
 
 def test_discontinued(appliance, modality):
@@ -206,6 +206,6 @@ def test_first_image_moves_the_item_in_progress_and_mpps_is_still_recorded(
 def test_unscheduled_procedure_is_recorded_without_an_item(appliance, modality):
     uid = generate_uid()
     assert modality.create(in_progress("WALK-IN-1"), uid).Status == 0x0000
-    assert appliance.worklist.mpps(uid)["accession_number"] == "WALK-IN-1"
+    assert appliance.worklist.mpps.get(uid)["accession_number"] == "WALK-IN-1"
     [event] = appliance.worklist.events()
     assert (event["event_type"], event["source_message_id"]) == ("mpps.in_progress", None)

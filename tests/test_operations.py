@@ -5,6 +5,7 @@ file as Prometheus parses it, moving with traffic."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 
@@ -12,12 +13,12 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance import synthetic
-from appliance.relay.emulator import RelayEmulator
+from appliance.testing import synthetic
+from appliance.testing.relay_emulator import RelayEmulator
 from tests.support import ApplianceProcess, send_files, write_config
 from tests.test_relay import KEY, KEY_NAME, events_consumer, relay_settings, wait_until
 
-pytestmark = pytest.mark.usefixtures("dcmtk")
+pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.system]
 
 
 def cli(config, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -141,6 +142,15 @@ def test_selftest_without_the_relay_leaves_nothing_behind(tmp_path):
     assert after["outbox"]["undelivered"] == 0
     assert not list((tmp_path / "state" / "storage").rglob("*.dcm"))
     assert not list((tmp_path / "state" / "derived").rglob("*.jpg"))
+    # The appliance removed its own rows: none of the participant's is left in either database.
+    for database, tables in (
+        ("pacs.db", ("stored_instances", "studies", "events")),
+        ("worklist.db", ("worklist_items", "worklist_archive", "mpps_instances", "events")),
+    ):
+        with sqlite3.connect(tmp_path / "state" / database) as db:
+            counts = {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
+        assert set(counts.values()) == {0}, (database, counts)
+    assert "event=action.done action_type=worklist.remove_test_item" in app_log(tmp_path)
 
 
 def test_retention_by_hand_is_a_dry_run_while_the_appliance_runs(tmp_path):
@@ -225,3 +235,7 @@ async def test_metrics_file_parses_and_counters_move_with_traffic(tmp_path):
     assert after[accepted] == before.get(accepted, 0) + 1
     assert after[("screening_gateway_up", ())] == 1
     assert after[("screening_gateway_disk_free_bytes", ())] > 0
+
+
+def app_log(tmp_path) -> str:
+    return (tmp_path / "appliance.log").read_text()

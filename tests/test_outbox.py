@@ -3,53 +3,63 @@ never twice to a consumer that acknowledges."""
 
 from __future__ import annotations
 
+import datetime
 import socket
+import sqlite3
 import subprocess
 import sys
 
+import pytest
 import trio
 
-from appliance import events
-from appliance.app import outbox_for
-from appliance.config import Config
-from appliance.db import connect
-from appliance.relay.cloud import acknowledge
-from appliance.relay.emulator import RelayEmulator
+from appliance import outbox
+from appliance.outbox import Outbox
+from appliance.relay.endpoint import Liveness, RelayEndpoint
 from appliance.relay.listener import RelayListener
 from appliance.relay.sender import RelaySender
-from appliance.storage.index import Index
+from appliance.state import StatePaths
+from appliance.storage.store import InstanceStore
+from appliance.testing.cloud import acknowledge
+from appliance.testing.relay_emulator import RelayEmulator
 from appliance.worklist.store import WorklistStore
 from tests.support import write_config
 
 KEY_NAME, KEY = "RootManageSharedAccessKey", b"outbox-test-key"
 
 
-def make_state(tmp_path):
-    WorklistStore(tmp_path / "worklist.db").open()
-    Index(tmp_path / "pacs.db").close()
-    return outbox_for(Config(state_dir=tmp_path))
+_STORES: dict = {}
+
+
+def make_state(tmp_path) -> Outbox:
+    """Both databases, opened by their owners, and the outbox over them."""
+    paths = StatePaths(tmp_path)
+    worklist, images = WorklistStore(paths), InstanceStore(paths)
+    worklist.open()
+    images.open()
+    _STORES[tmp_path] = (worklist.database, images.database)
+    return Outbox({"worklist": worklist.database, "images": images.database})
 
 
 def add_events(tmp_path, count: int) -> list[str]:
     """Alternate between the two databases, as MPPS and image events interleave."""
     ids = []
     for n in range(count):
-        db = connect(tmp_path / ("worklist.db" if n % 2 else "pacs.db"))
-        ids.append(
-            events.insert(db, f"test.{n}", {"n": n}, accession_number="ACC", source_message_id="m")
-        )
-        db.close()
+        database = _STORES[tmp_path][0 if n % 2 else 1]
+
+        def insert(database=database, n=n) -> str:
+            with database.transaction():
+                return outbox.record(
+                    database, f"test.{n}", {"n": n}, accession_number="ACC", source_message_id="m"
+                )
+
+        ids.append(database.run_sync(insert))
     return ids
 
 
 def sender(emulator: RelayEmulator, outbox, **options) -> RelaySender:
     return RelaySender(
         outbox=outbox,
-        endpoint=emulator.endpoint,
-        namespace=emulator.namespace,
-        path="events",
-        key_name=KEY_NAME,
-        key=KEY,
+        endpoint=RelayEndpoint(emulator.endpoint, emulator.namespace, "events", KEY_NAME, KEY),
         appliance_id="site-test",
         **({"ack_timeout": 2.0, "backoff": (0.0, 0.2)} | options),
     )
@@ -58,14 +68,9 @@ def sender(emulator: RelayEmulator, outbox, **options) -> RelaySender:
 def consumer(emulator: RelayEmulator, conversation) -> RelayListener:
     return RelayListener(
         name="cloud",
-        endpoint=emulator.endpoint,
-        namespace=emulator.namespace,
-        path="events",
-        key_name=KEY_NAME,
-        key=KEY,
+        endpoint=RelayEndpoint(emulator.endpoint, emulator.namespace, "events", KEY_NAME, KEY),
         conversation=conversation,
-        ping_interval=1.0,
-        ping_timeout=0.5,
+        liveness=Liveness(1.0, 0.5),
         backoff=(0.0, 0.1),
     )
 
@@ -139,6 +144,7 @@ async def test_an_unacknowledged_event_is_sent_again(tmp_path, nursery):
     assert relay_sender.failures["send"] + relay_sender.failures["ack"] >= 1
 
 
+@pytest.mark.system
 def test_outbox_command_lists_retries_and_purges(tmp_path):
     config = write_config(tmp_path)
     state = tmp_path / "state"
@@ -157,9 +163,8 @@ def test_outbox_command_lists_retries_and_purges(tmp_path):
     listed = outbox("list").stdout
     assert all(event_id in listed for event_id in ids)
     assert listed.count("pending") == 2
-    db = connect(state / "pacs.db")
-    events.mark_delivered(db, ids[0])
-    db.close()
+    with sqlite3.connect(state / "pacs.db") as db:  # the cloud acknowledged it
+        db.execute("UPDATE events SET delivered_at = 'now' WHERE event_id = ?", (ids[0],))
     assert ids[0] not in outbox("list").stdout
     assert outbox("retry", ids[0]).stdout.startswith("outbox retry: 1 event(s)")
     assert ids[0] in outbox("list").stdout
@@ -188,23 +193,17 @@ async def test_events_wait_out_a_relay_that_is_down_entirely(tmp_path, nursery):
 def test_delivered_events_are_purged_after_the_retention_period_and_pending_ones_never(tmp_path):
     outbox = make_state(tmp_path)
     old, recent, pending = add_events(tmp_path, 3)
-    for event_id, delivered_at in ((old, "2026-01-01T00:00:00.000+00:00"), (recent, None)):
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+    for event_id, delivered_at in ((old, "2026-01-01T00:00:00.000+00:00"), (recent, now)):
         for name in ("worklist.db", "pacs.db"):
-            db = connect(tmp_path / name)
-            events.mark_delivered(db, event_id)
-            if delivered_at:
+            with sqlite3.connect(tmp_path / name) as db:  # the cloud acknowledged it then
                 db.execute(
                     "UPDATE events SET delivered_at = ? WHERE event_id = ?",
                     (delivered_at, event_id),
                 )
-            db.close()
     relay_sender = RelaySender(
         outbox=outbox,
-        endpoint="ws://127.0.0.1:9",
-        namespace="ns",
-        path="events",
-        key_name=KEY_NAME,
-        key=KEY,
+        endpoint=RelayEndpoint("ws://127.0.0.1:9", "ns", "events", KEY_NAME, KEY),
         appliance_id="t",
         retention_days=30,
     )

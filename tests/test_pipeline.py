@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 from pydicom import Dataset
 
-from appliance import synthetic
 from appliance.pipeline.render import RenderError, Rendition, render
+from appliance.state import StatePaths
+from appliance.testing import synthetic
 from appliance.worklist.store import WorklistItem, WorklistStore
 from tests.support import ApplianceProcess, encode, send_files, write_config
 
@@ -195,11 +196,12 @@ def wait_for_events(state: Path, count: int, timeout: float = 60) -> list[dict]:
         time.sleep(0.05)
 
 
+@pytest.mark.system
 @pytest.mark.usefixtures("dcmtk")
 def test_stored_images_become_one_image_received_event_each(tmp_path):
     state = tmp_path / "state"
     state.mkdir()
-    worklist = WorklistStore(state / "worklist.db")
+    worklist = WorklistStore(StatePaths(state))
     worklist.open()
     worklist.create(
         WorklistItem("ACC-P1", "9990000201", "PIPE^LINE", synthetic_time(), source_message_id="m-7")
@@ -235,6 +237,7 @@ def synthetic_time() -> datetime.datetime:
     return datetime.datetime(2026, 11, 22, 10, tzinfo=datetime.UTC)
 
 
+@pytest.mark.system
 @pytest.mark.usefixtures("dcmtk")
 def test_corrupt_image_is_reported_failed_after_bounded_retries_and_service_goes_on(tmp_path):
     plain = tmp_path / "plain.dcm"
@@ -259,6 +262,7 @@ def test_corrupt_image_is_reported_failed_after_bounded_retries_and_service_goes
     assert "event=service.crashed" not in log
 
 
+@pytest.mark.system
 @pytest.mark.usefixtures("dcmtk")
 def test_restart_mid_batch_processes_every_instance_exactly_once(tmp_path):
     paths = []

@@ -22,12 +22,12 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from appliance import synthetic
 from appliance.dicom.commitment_scp import STORAGE_COMMITMENT, WELL_KNOWN_INSTANCE
-from appliance.storage.layout import StorageLayout
+from appliance.state import StatePaths
+from appliance.testing import synthetic
 from tests.support import ApplianceProcess, dataset_bytes, encode, send_files, write_config
 
-pytestmark = pytest.mark.usefixtures("dcmtk")
+pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.system]
 
 SMALL = (128, 96)
 
@@ -489,7 +489,7 @@ def test_a_file_damaged_on_disk_is_not_committed(site, tmp_path):
     [stored] = send_files(site["app"].ports["storage"], [image], calling="COMMITTER")
     assert stored.Status == 0
     [(sop_class, sop_instance)] = references([image])
-    layout = StorageLayout(site["root"] / "state")
+    layout = StatePaths(site["root"] / "state")
     damaged = layout.absolute(layout.relative_path(sop_instance))
     data = bytearray(damaged.read_bytes())
     data[-10] ^= 0xFF  # one flipped pixel byte: the file still parses

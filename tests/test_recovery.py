@@ -8,11 +8,11 @@ import sys
 import pydicom
 import pytest
 
-from appliance import synthetic
-from appliance.storage.layout import StorageLayout
+from appliance.state import StatePaths
+from appliance.testing import synthetic
 from tests.support import ApplianceProcess, index_rows, send_files, write_config
 
-pytestmark = pytest.mark.usefixtures("dcmtk")
+pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.system]
 
 
 def image(tmp_path, name: str):
@@ -34,7 +34,7 @@ def fsck(config_path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_restart_reindexes_unindexed_files_and_flags_missing_ones(tmp_path):
     config_path = write_config(tmp_path)
     state = tmp_path / "state"
-    layout = StorageLayout(state)
+    layout = StatePaths(state)
     kept, kept_uid = image(tmp_path, "kept.dcm")
     lost, lost_uid = image(tmp_path, "lost.dcm")
     with ApplianceProcess(config_path) as app:
@@ -73,7 +73,7 @@ def test_fsck_verifies_hashes_flags_corruption_and_shows_progress(tmp_path):
     assert "hashes verified 3" in clean.stdout
     assert "fsck: verify 3/3 (100%)" in clean.stderr
 
-    layout = StorageLayout(state)
+    layout = StatePaths(state)
     victim = layout.absolute(layout.relative_path(paths[1][1]))
     data = bytearray(victim.read_bytes())
     data[-100] ^= 0xFF  # one flipped byte in the pixel data

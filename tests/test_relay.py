@@ -10,17 +10,20 @@ import signal
 import subprocess
 import time
 
+import attrs
 import pytest
 import trio
 import trio.testing
 from trio_websocket import ConnectionRejected
 
-from appliance import synthetic
 from appliance.relay.actions import CloudActions
-from appliance.relay.cloud import acknowledge, send_action
-from appliance.relay.emulator import RelayEmulator
+from appliance.relay.endpoint import Liveness, RelayEndpoint
 from appliance.relay.listener import RelayListener
 from appliance.relay.websocket import websocket_over
+from appliance.state import StatePaths
+from appliance.testing import synthetic
+from appliance.testing.cloud import acknowledge, send_action
+from appliance.testing.relay_emulator import RelayEmulator
 from appliance.worklist.store import WorklistStore
 from tests.support import ApplianceProcess, send_files, write_config
 
@@ -54,7 +57,9 @@ def create_item(action_id: str, accession: str = "ACC-R1", nhs: str = "999000030
 async def cloud_send(emulator: RelayEmulator, message: dict | str, path: str = "actions") -> dict:
     """The cloud in the sender role: connect, send one action, read one reply."""
     text = message if isinstance(message, str) else json.dumps(message)
-    reply = await send_action(emulator.endpoint, emulator.namespace, path, KEY_NAME, KEY, text)
+    reply = await send_action(
+        RelayEndpoint(emulator.endpoint, emulator.namespace, path, KEY_NAME, KEY), text
+    )
     return json.loads(reply)
 
 
@@ -65,7 +70,7 @@ async def health() -> dict:
 @pytest.fixture
 async def relay(tmp_path, nursery):
     emulator = await nursery.start(RelayEmulator({KEY_NAME: KEY}).run)
-    worklist = WorklistStore(tmp_path / "worklist.db")
+    worklist = WorklistStore(StatePaths(tmp_path))
     worklist.open()
     relay = Relay(emulator, worklist)
     yield relay
@@ -78,16 +83,22 @@ class Relay:
         self.worklist = worklist
         self.actions = CloudActions(worklist, health)
 
-    def listener(self, key: bytes = KEY, **options) -> RelayListener:
+    def listener(
+        self,
+        key: bytes = KEY,
+        liveness: Liveness = Liveness(1.0, 0.5),  # noqa: B008
+        token_lifetime: float = 3600.0,
+        **options,
+    ) -> RelayListener:
+        endpoint = RelayEndpoint(
+            self.emulator.endpoint, self.emulator.namespace, "actions", KEY_NAME, key
+        )
         return RelayListener(
             name="listener-1",
-            endpoint=self.emulator.endpoint,
-            namespace=self.emulator.namespace,
-            path="actions",
-            key_name=KEY_NAME,
-            key=key,
+            endpoint=attrs.evolve(endpoint, token_lifetime=token_lifetime),
             handle=self.actions.handle,
-            **({"ping_interval": 1.0, "ping_timeout": 0.5, "backoff": (0.0, 0.1)} | options),
+            liveness=liveness,
+            **({"backoff": (0.0, 0.1)} | options),
         )
 
     async def listening(self, nursery, **options) -> RelayListener:
@@ -199,7 +210,7 @@ async def test_a_wrong_key_is_refused_at_the_handshake_and_counted(relay, nurser
 
 
 async def test_a_zombie_control_channel_is_replaced_within_two_ping_intervals(relay, nursery):
-    listener = await relay.listening(nursery, ping_interval=2.0, ping_timeout=0.5)
+    listener = await relay.listening(nursery, liveness=Liveness(2.0, 0.5))
     relay.emulator.freeze()  # no close, no pong: the connection just goes silent
     frozen_at = trio.current_time()
     await wait_until(lambda: listener.failures["control-channel"] >= 1)
@@ -222,7 +233,7 @@ async def test_expired_token_closes_the_channel_with_1008(tmp_path, nursery):
     emulator = await nursery.start(
         RelayEmulator({KEY_NAME: KEY}, clock=lambda: time.time() + skew[0]).run
     )
-    worklist = WorklistStore(tmp_path / "worklist.db")
+    worklist = WorklistStore(StatePaths(tmp_path))
     worklist.open()
     relay = Relay(emulator, worklist)
     listener = await relay.listening(nursery, token_lifetime=3600.0)
@@ -248,11 +259,7 @@ def events_consumer(emulator: RelayEmulator, received: list[dict]) -> RelayListe
     """The cloud on the events hybrid connection, acknowledging everything it receives."""
     return RelayListener(
         name="cloud-events",
-        endpoint=emulator.endpoint,
-        namespace=emulator.namespace,
-        path="events",
-        key_name=KEY_NAME,
-        key=KEY,
+        endpoint=RelayEndpoint(emulator.endpoint, emulator.namespace, "events", KEY_NAME, KEY),
         conversation=acknowledge(received.append),
     )
 
@@ -269,6 +276,7 @@ async def cloud_and_appliance(tmp_path, nursery):
     return emulator, received, app
 
 
+@pytest.mark.system
 @pytest.mark.usefixtures("dcmtk")
 async def test_a_cloud_action_reaches_the_modality_worklist_of_the_running_appliance(
     tmp_path, nursery
@@ -319,6 +327,7 @@ async def test_a_cloud_action_reaches_the_modality_worklist_of_the_running_appli
     assert len({e["event_id"] for e in received}) == 2
 
 
+@pytest.mark.system
 @pytest.mark.usefixtures("dcmtk")
 async def test_create_test_item_runs_a_simulated_unit_whose_events_reach_the_cloud(
     tmp_path, nursery
@@ -355,6 +364,7 @@ async def test_a_dropped_rendezvous_is_counted_and_the_next_action_is_served(rel
     assert listener.connected
 
 
+@pytest.mark.system
 @pytest.mark.usefixtures("dcmtk")
 async def test_undelivered_events_survive_an_appliance_kill_and_are_delivered_once(
     tmp_path, nursery
@@ -413,13 +423,10 @@ def virtual_relay(nursery, **listener_options):
     emulator.host, emulator.port = "relay.test", 443
     listener = RelayListener(
         name="listener-v",
-        endpoint=emulator.endpoint,
-        namespace=emulator.namespace,
-        path="actions",
-        key_name=KEY_NAME,
-        key=KEY,
+        endpoint=RelayEndpoint(
+            emulator.endpoint, emulator.namespace, "actions", KEY_NAME, KEY, token_lifetime=3600.0
+        ),
         handle=echo_back,
-        token_lifetime=3600.0,
         clock=clock,
         connect=in_memory(emulator, nursery),
         **listener_options,

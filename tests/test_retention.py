@@ -7,19 +7,20 @@ import datetime
 
 import pytest
 
-from appliance import synthetic
 from appliance.config import RetentionConfig
-from appliance.storage.layout import StorageLayout, hash_and_sync
+from appliance.state import StatePaths
+from appliance.storage.files import hash_and_sync
 from appliance.storage.recovery import recover
 from appliance.storage.retention import StorageHousekeeper
 from appliance.storage.store import InstanceStore, describe
+from appliance.testing import synthetic
 
 LATER = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=40)
 
 
 @pytest.fixture
 async def store(tmp_path):
-    store = InstanceStore(StorageLayout(tmp_path / "state"))
+    store = InstanceStore(StatePaths(tmp_path / "state"))
     store.open()
     yield store
     store.close()
@@ -45,10 +46,10 @@ async def stored(store: InstanceStore, tmp_path, name: str, *, acked: bool) -> s
     if acked:
         [event] = [
             e
-            for e in index.events()
+            for e in store.events()
             if e["payload"]["sop_instance_uid"] == instance.sop_instance_uid
         ]
-        await store.write(lambda: index.db.execute(
+        await store.write(lambda: store.database.connection.execute(
             "UPDATE events SET delivered_at = 'now' WHERE event_id = ?", (event["event_id"],)
         ))  # fmt: skip
     return instance.sop_instance_uid
@@ -98,8 +99,8 @@ async def test_commitment_or_fetch_can_be_required(store, tmp_path):
     committed = await stored(store, tmp_path, "committed", acked=True)
     fetched = await stored(store, tmp_path, "fetched", acked=True)
     neither = await stored(store, tmp_path, "neither", acked=True)
-    await store.write(store.index.released, "committed_at", [committed])
-    await store.write(store.index.released, "fetched_at", [fetched])
+    await store.committed([committed])
+    await store.fetched([fetched])
 
     dry = await housekeeper(store, require_commit_or_fetch=True).retention_pass(dry_run=True)
     assert (dry.candidates, dry.deleted) == (2, 0)
@@ -126,13 +127,15 @@ async def test_a_deletion_cut_short_is_finished_and_never_reindexed(store, tmp_p
 
 
 async def trio_recover(store: InstanceStore):
-    return await store.write(recover, store.layout, store.index)
+    return await store.write(
+        lambda: recover(store.layout, list(store.index.instances()), store.index)
+    )
 
 
 async def test_checkpoints_fold_both_write_ahead_logs_back(store, tmp_path):
     from appliance.worklist.store import WorklistStore
 
-    worklist = WorklistStore(tmp_path / "state" / "worklist.db")
+    worklist = WorklistStore(StatePaths(tmp_path / "state"))
     worklist.open()
     try:
         for n in range(3):

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from appliance import synthetic
+from appliance.testing import synthetic
 from tests.support import ApplianceProcess, send_files, write_config
 
-pytestmark = pytest.mark.usefixtures("dcmtk")
+pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.system]
 
 
 def status(config) -> tuple[int, dict]:

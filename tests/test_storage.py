@@ -14,8 +14,8 @@ import pydicom
 import pytest
 from pydicom import uid
 
-from appliance import synthetic
-from appliance.storage.layout import StorageLayout
+from appliance.state import StatePaths
+from appliance.testing import synthetic
 from tests.support import (
     ApplianceProcess,
     dataset_bytes,
@@ -26,7 +26,7 @@ from tests.support import (
     write_config,
 )
 
-pytestmark = pytest.mark.usefixtures("dcmtk")
+pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.system]
 
 SMALL = (256, 256)
 
@@ -42,9 +42,7 @@ def state(app: ApplianceProcess) -> Path:
 
 
 def stored_file(app: ApplianceProcess, sop_instance_uid: str) -> Path:
-    return StorageLayout(state(app)).absolute(
-        StorageLayout(state(app)).relative_path(sop_instance_uid)
-    )
+    return StatePaths(state(app)).absolute(StatePaths(state(app)).relative_path(sop_instance_uid))
 
 
 def write_image(directory: Path, name: str = "image.dcm", **fields) -> Path:
@@ -108,7 +106,7 @@ def test_index_row_carries_what_the_cloud_and_queries_need(appliance, tmp_path):
     [row] = index_rows(state(appliance))
     assert row == row | {
         "sop_instance_uid": ds.SOPInstanceUID,
-        "storage_path": StorageLayout(Path()).relative_path(ds.SOPInstanceUID),
+        "storage_path": StatePaths(Path()).relative_path(ds.SOPInstanceUID),
         "study_instance_uid": ds.StudyInstanceUID,
         "series_instance_uid": ds.SeriesInstanceUID,
         "sop_class_uid": synthetic.MG_FOR_PRESENTATION,

@@ -14,19 +14,20 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from appliance import synthetic
+from appliance.state import StatePaths
+from appliance.testing import synthetic
 from appliance.worklist.store import WorklistItem, WorklistStore
 from tests.support import ApplianceProcess, send_files, write_config
 from tests.test_mpps import Modality, finished, in_progress
 
-pytestmark = pytest.mark.usefixtures("dcmtk")
+pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.system]
 FAST = {"studies": {"quiet_period_s": 1.0, "timeout_s": 4.0, "check_interval_s": 0.2}}
 
 
 def prepare(tmp_path: Path, *accessions: str) -> Path:
     state = tmp_path / "state"
     state.mkdir(exist_ok=True)
-    store = WorklistStore(state / "worklist.db")
+    store = WorklistStore(StatePaths(state))
     store.open()
     for n, accession in enumerate(accessions):
         store.create(

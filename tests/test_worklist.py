@@ -22,6 +22,7 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind
 
 from appliance.config import WorklistScpConfig
 from appliance.dicom.worklist_scp import WorklistSCP
+from appliance.state import StatePaths
 from appliance.worklist.store import COMPLETED, WorklistItem, WorklistStore
 from tests.support import ApplianceProcess, write_config
 
@@ -56,7 +57,7 @@ OFFERED = {item.accession_number for item in POPULATION}
 
 def populate(state_dir: Path, items: list[WorklistItem]) -> WorklistStore:
     state_dir.mkdir(parents=True, exist_ok=True)
-    store = WorklistStore(state_dir / "worklist.db")
+    store = WorklistStore(StatePaths(state_dir))
     store.open()
     for item in items:
         store.create(item)
@@ -68,7 +69,7 @@ def worklist(tmp_path_factory):
     directory = tmp_path_factory.mktemp("worklist")
     store = populate(directory / "state", [*POPULATION, FINISHED, INVALID])
     store.set_status("ACC-E", "IN PROGRESS")
-    store.db.execute(
+    store.database.connection.execute(
         "UPDATE worklist_items SET status = ? WHERE accession_number = 'ACC-E'", (COMPLETED,)
     )
     store.close()
@@ -112,17 +113,20 @@ def accessions(app: ApplianceProcess, identifier: Dataset) -> set[str]:
     return {a.AccessionNumber for a in answers}
 
 
+@pytest.mark.system
 def test_universal_query_offers_only_scheduled_and_in_progress_valid_items(worklist):
     assert accessions(worklist, query()) == OFFERED
     assert "event=worklist.item_invalid accession_number=ACC-X" in worklist.log()
 
 
+@pytest.mark.system
 def test_single_value_matching(worklist):
     assert accessions(worklist, query(PatientID="9990000001")) == {"ACC-A"}
     assert accessions(worklist, query(AccessionNumber="ACC-C")) == {"ACC-C"}
     assert accessions(worklist, query(PatientID="0000000000")) == set()
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     ("pattern", "expected"),
     [
@@ -138,6 +142,7 @@ def test_name_wildcards(worklist, pattern, expected):
     assert accessions(worklist, query(PatientName=pattern)) == expected
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     ("dates", "expected"),
     [
@@ -154,6 +159,7 @@ def test_date_ranges_in_the_site_time_zone(worklist, dates, expected):
     assert accessions(worklist, query(step=step)) == expected
 
 
+@pytest.mark.system
 def test_combined_date_time_range(worklist):
     morning = {
         "ScheduledProcedureStepStartDate": "20261122",
@@ -170,6 +176,7 @@ def test_combined_date_time_range(worklist):
     assert accessions(worklist, query(step=afternoon_any_day)) == {"ACC-B"}
 
 
+@pytest.mark.system
 def test_list_of_uids(worklist):
     _, answers = find(worklist.ports["worklist"], query(StudyInstanceUID=""))
     uids = {a.AccessionNumber: a.StudyInstanceUID for a in answers}
@@ -177,6 +184,7 @@ def test_list_of_uids(worklist):
     assert accessions(worklist, wanted) == {"ACC-A", "ACC-B"}
 
 
+@pytest.mark.system
 def test_sequence_matching_on_modality_and_station(worklist):
     assert accessions(worklist, query(step={"Modality": "CT"})) == {"ACC-C"}
     assert accessions(worklist, query(step={"Modality": "MG"})) == OFFERED - {"ACC-C"}
@@ -184,6 +192,7 @@ def test_sequence_matching_on_modality_and_station(worklist):
     assert accessions(worklist, query(step=station)) == {"ACC-A"}
 
 
+@pytest.mark.system
 def test_answers_carry_exactly_the_requested_keys(worklist):
     identifier = Dataset()
     identifier.PatientName = ""
@@ -202,6 +211,7 @@ def test_answers_carry_exactly_the_requested_keys(worklist):
     assert [e.keyword for e in answer.ScheduledProcedureStepSequence[0]] == ["Modality"]
 
 
+@pytest.mark.system
 def test_full_record_for_a_cloud_created_item_is_complete_and_stable(worklist):
     identifier = query(
         PatientName="",
@@ -235,6 +245,7 @@ def test_full_record_for_a_cloud_created_item_is_complete_and_stable(worklist):
     )
 
 
+@pytest.mark.system
 def test_names_round_trip_in_utf8_and_latin1(worklist):
     [utf8] = find(worklist.ports["worklist"], query(PatientName="", PatientID="9990000002"))[1]
     assert utf8.SpecificCharacterSet == "ISO_IR 192"
@@ -272,6 +283,7 @@ def findscu(port: int, out: Path, *keys: str) -> list[Path]:
     return sorted(out.glob("rsp*.dcm"))
 
 
+@pytest.mark.system
 def test_findscu_sees_latin1_bytes_when_it_asks_for_latin1(worklist, tmp_path):
     [response] = findscu(
         worklist.ports["worklist"],
@@ -287,6 +299,7 @@ def test_findscu_sees_latin1_bytes_when_it_asks_for_latin1(worklist, tmp_path):
     assert pydicom.dcmread(response).PatientID == "9990000002"
 
 
+@pytest.mark.system
 def test_findscu_today_and_modality(worklist, tmp_path):
     responses = findscu(
         worklist.ports["worklist"],
@@ -299,6 +312,7 @@ def test_findscu_today_and_modality(worklist, tmp_path):
     assert {pydicom.dcmread(p).AccessionNumber for p in responses} == {"ACC-A", "ACC-B"}
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     ("step", "complaint"),
     [
@@ -324,6 +338,7 @@ def test_malformed_keys_get_a_failure_status_naming_the_problem(worklist, step, 
     assert accessions(worklist, query()) == OFFERED  # still serving
 
 
+@pytest.mark.system
 def test_character_set_per_calling_ae_replaces_what_it_cannot_carry(tmp_path):
     populate(
         tmp_path / "state",

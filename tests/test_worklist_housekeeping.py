@@ -11,6 +11,7 @@ import zoneinfo
 import trio
 
 from appliance.config import WorklistConfig
+from appliance.state import StatePaths
 from appliance.worklist.housekeeping import WorklistHousekeeper, seconds_until
 from appliance.worklist.store import CANCELLED, COMPLETED, WorklistItem, WorklistStore
 from tests.support import write_config
@@ -31,7 +32,7 @@ def test_next_run_is_the_next_local_wall_clock_time_across_dst():
 
 
 async def test_archive_moves_finished_past_items_and_stale_ones_only(tmp_path, autojump_clock):
-    store = WorklistStore(tmp_path / "worklist.db")
+    store = WorklistStore(StatePaths(tmp_path))
     store.open()
     for accession, when in [
         ("DONE-YESTERDAY", "2026-11-21T10:00"),
@@ -43,7 +44,7 @@ async def test_archive_moves_finished_past_items_and_stale_ones_only(tmp_path, a
         store.create(WorklistItem(accession, "9990000001", "A^B", moment(when)))
     for accession in ("DONE-YESTERDAY", "DONE-TODAY"):
         store.set_status(accession, "IN PROGRESS")
-        store.db.execute(
+        store.database.connection.execute(
             "UPDATE worklist_items SET status = ? WHERE accession_number = ?",
             (COMPLETED, accession),
         )

@@ -20,6 +20,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.transport import AssociationSocket
 
+from appliance.dicom.statuses import PENDING
 from appliance.storage.spool import SpoolFile
 
 #: Spool file names start with this; recovery deletes any such file left by a crash.
@@ -152,7 +153,7 @@ class PendingFindWriter:
         command.CommandField = 0x8020  # C-FIND-RSP
         command.MessageIDBeingRespondedTo = event.request.MessageID
         command.CommandDataSetType = 0x0001  # an identifier follows
-        command.Status = 0xFF00  # Pending
+        command.Status = PENDING
         body = encode(command, True, True)  # command sets are always implicit VR LE
         group_length = b"\x00\x00\x00\x00\x04\x00\x00\x00" + len(body).to_bytes(4, "little")
         self._command_pdv = self._pdv(group_length + body, 0x03)  # command, last fragment

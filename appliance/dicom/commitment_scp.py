@@ -1,8 +1,9 @@
 """Storage Commitment Push Model SCP: a modality asks whether its images are safe to delete.
 
-N-ACTION (Request Storage Commitment) is answered at once; each referenced instance is then
-checked (indexed as STORED, same SOP class, and the file's SHA-256 still the one recorded at
-storage) and the result goes back as an N-EVENT-REPORT on a new association to the requestor's
+N-ACTION (Request Storage Commitment) is answered at once and the request queued on a bounded
+channel; the supervised `commitment-reports` service then checks each referenced instance
+(indexed as STORED, same SOP class, and the file's SHA-256 still the one recorded at storage)
+and the result goes back as an N-EVENT-REPORT on a new association to the requestor's
 configured destination ([[dicom.destinations]], by calling AE title; a requestor without one is
 refused at N-ACTION time, so it knows at once). Event type 1 when all are committed, 2 when any
 failed, with a Failure Reason per failed reference (PS3.4 J.3.3).
@@ -14,19 +15,28 @@ overtake the response or lose its answer. Units are configured with a commitment
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-
+import attrs
+import trio
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from pynetdicom.dimse_primitives import N_ACTION
 
 from appliance.config import DestinationConfig
-from appliance.dicom.server import Handler, status
+from appliance.dicom.door import ApplianceStopping, TrioDoor
+from appliance.dicom.server import Handler
+from appliance.dicom.statuses import (
+    CLASS_INSTANCE_CONFLICT,
+    INVALID_ARGUMENT_VALUE,
+    NO_SUCH_ACTION,
+    NO_SUCH_OBJECT_INSTANCE,
+    PROCESSING_FAILURE,
+    SUCCESS,
+    status,
+)
 from appliance.log import get_logger
-from appliance.storage.index import IndexReader
-from appliance.storage.layout import StorageLayout, file_sha256
+from appliance.storage.files import file_sha256
+from appliance.storage.store import InstanceStore
 
 log = get_logger("commitment-scp")
 
@@ -34,27 +44,50 @@ STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
 WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"
 COMMITMENT_CONTEXTS = [(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
 
-# Failure Reasons (PS3.3 C.14.1.1) and N-ACTION statuses (PS3.7 C).
-PROCESSING_FAILURE = 0x0110
-NO_SUCH_OBJECT_INSTANCE = 0x0112
-CLASS_INSTANCE_CONFLICT = 0x0119
-NO_SUCH_ACTION = 0x0123
-INVALID_ARGUMENT = 0x0115
+#: Requests waiting for their report; a modality asking faster than reports go out waits.
+QUEUED_REQUESTS = 16
+#: Reports being verified and sent at once (one slow destination does not hold up the rest).
+CONCURRENT_REPORTS = 4
+
+
+@attrs.frozen(eq=False)  # each request is its own limiter borrower, even an identical resend
+class CommitmentRequest:
+    destination: DestinationConfig
+    calling_ae: str
+    transaction: str
+    references: list[tuple[str, str]]
 
 
 class StorageCommitmentSCP:
+    """The N-ACTION handler (association threads) and the supervised service that reports."""
+
+    name = "commitment-reports"
+
     def __init__(
         self,
-        layout: StorageLayout,
+        store: InstanceStore,
+        door: TrioDoor,
         ae_title: str,
         destinations: tuple[DestinationConfig, ...],
-        on_committed: Callable[[list[str]], None] = lambda uids: None,
     ) -> None:
-        self._layout = layout
-        self._index = IndexReader(layout)
+        self._store = store
+        self._index = store.reader
+        self._door = door
         self._ae_title = ae_title
         self._destinations = {d.ae_title: d for d in destinations}
-        self._on_committed = on_committed
+        self._requests, self._queued = trio.open_memory_channel[CommitmentRequest](QUEUED_REQUESTS)
+        self.reported = 0
+
+    def statistics(self) -> dict[str, int]:
+        return {"queued": self._queued.statistics().current_buffer_used, "reported": self.reported}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        limiter = trio.CapacityLimiter(CONCURRENT_REPORTS)
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            async for request in self._queued:
+                await limiter.acquire_on_behalf_of(request)
+                nursery.start_soon(self._report, request, limiter)
 
     def handlers(self) -> list[Handler]:
         return [(evt.EVT_N_ACTION, self.handle_action)]
@@ -73,11 +106,11 @@ class StorageCommitmentSCP:
             ]
         except Exception as exc:
             log.warning("commitment.rejected", phase="decode", calling_ae=calling_ae)
-            return status(INVALID_ARGUMENT, f"Cannot read the request: {exc}"), None
+            return status(INVALID_ARGUMENT_VALUE, f"Cannot read the request: {exc}"), None
         if not transaction or not references:
             log.warning("commitment.rejected", phase="validate", calling_ae=calling_ae)
             return status(
-                INVALID_ARGUMENT, "Transaction UID and Referenced SOP Sequence are required"
+                INVALID_ARGUMENT_VALUE, "Transaction UID and Referenced SOP Sequence are required"
             ), None
         destination = self._destinations.get(calling_ae)
         if destination is None:
@@ -91,13 +124,12 @@ class StorageCommitmentSCP:
             transaction_uid=transaction,
             instances=len(references),
         )
-        threading.Thread(
-            target=self._report,
-            args=(destination, calling_ae, transaction, references),
-            name="commitment-report",
-            daemon=True,
-        ).start()
-        return 0x0000, None
+        request = CommitmentRequest(destination, calling_ae, transaction, references)
+        try:
+            self._door.run(self._requests.send, request)
+        except ApplianceStopping:
+            return status(PROCESSING_FAILURE, "Gateway is restarting; ask again"), None
+        return SUCCESS, None
 
     def verify(self, sop_class: str, sop_instance: str) -> int | None:
         """None when the instance is committed, else its Failure Reason."""
@@ -135,34 +167,33 @@ class StorageCommitmentSCP:
             report.FailedSOPSequence = failed
         return report
 
-    def _report(
-        self,
-        destination: DestinationConfig,
-        calling_ae: str,
-        transaction: str,
-        references: list[tuple[str, str]],
-    ) -> None:
+    async def _report(self, request: CommitmentRequest, limiter: trio.CapacityLimiter) -> None:
         try:
-            report = self.result(transaction, references)
+            report = await trio.to_thread.run_sync(
+                self.result, request.transaction, request.references
+            )
             event_type = 2 if "FailedSOPSequence" in report else 1
             # Recorded before the modality hears it: retention may rely on what it was told.
-            self._on_committed(
+            await self._store.committed(
                 [str(i.ReferencedSOPInstanceUID) for i in report.get("ReferencedSOPSequence", [])]
             )
-            self._send(destination, report, event_type)
-        except Exception as exc:
+            await trio.to_thread.run_sync(self._send, request.destination, report, event_type)
+        except Exception as exc:  # this report's failure, never the service's
             log.exception(
                 "commitment.report_failed",
                 phase="report",
-                calling_ae=calling_ae,
-                transaction_uid=transaction,
+                calling_ae=request.calling_ae,
+                transaction_uid=request.transaction,
                 error=str(exc),
             )
             return
+        finally:
+            limiter.release_on_behalf_of(request)
+        self.reported += 1
         log.info(
             "commitment.reported",
-            calling_ae=calling_ae,
-            transaction_uid=transaction,
+            calling_ae=request.calling_ae,
+            transaction_uid=request.transaction,
             committed=len(report.get("ReferencedSOPSequence", [])),
             failed=len(report.get("FailedSOPSequence", [])),
         )
@@ -183,5 +214,5 @@ class StorageCommitmentSCP:
             )
         finally:
             assoc.release()
-        if rsp is None or rsp.get("Status") != 0x0000:
+        if rsp is None or rsp.get("Status") != SUCCESS:
             raise ConnectionError(f"{destination.ae_title} did not accept the report")

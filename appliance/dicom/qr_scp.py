@@ -32,18 +32,21 @@ from pynetdicom.sop_class import (
 from appliance.config import DestinationConfig
 from appliance.dicom import matching
 from appliance.dicom._pynetdicom import StoredFile
-from appliance.dicom.server import Handler, status
+from appliance.dicom.server import Handler
+from appliance.dicom.statuses import (
+    CANCELLED,
+    IDENTIFIER_MISMATCH,
+    PENDING,
+    SUCCESS,
+    UNABLE_TO_PROCESS,
+    status,
+)
 from appliance.log import get_logger
 from appliance.metrics import METRICS
 from appliance.storage.index import IndexReader
-from appliance.storage.layout import StorageLayout
 
 log = get_logger("qr-scp")
 
-PENDING = 0xFF00
-CANCELLED = 0xFE00
-IDENTIFIER_MISMATCH = 0xA900
-UNABLE_TO_PROCESS = 0xC000
 
 PATIENT_ROOT = {
     PatientRootQueryRetrieveInformationModelFind,
@@ -228,8 +231,8 @@ def entity_record(level: str, rows: list[sqlite3.Row], header: Dataset) -> Datas
 
 
 class QueryRetrieveSCP:
-    def __init__(self, layout: StorageLayout, destinations: tuple[DestinationConfig, ...]) -> None:
-        self._index = IndexReader(layout)
+    def __init__(self, index: IndexReader, destinations: tuple[DestinationConfig, ...]) -> None:
+        self._index = index
         self._destinations = {d.ae_title: d for d in destinations}
 
     def handlers(self) -> list[Handler]:
@@ -296,7 +299,7 @@ class QueryRetrieveSCP:
             matches=answered,
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
-        yield 0x0000, None
+        yield SUCCESS, None
 
     # --- C-GET and C-MOVE ---------------------------------------------------------------------
 

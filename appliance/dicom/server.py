@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
-from pydicom import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -26,41 +25,6 @@ from appliance.metrics import METRICS
 log = get_logger("dicom")
 
 Handler = tuple[evt.EventType, Callable[..., Any]]
-
-
-def status(code: int, comment: str, error_id: int | None = None) -> Dataset:
-    """A response status with its Error Comment (and Error ID where the standard names one)."""
-    response = Dataset()
-    response.Status = code
-    response.ErrorComment = comment[:64]  # LO
-    if error_id is not None:
-        response.ErrorID = error_id
-    return response
-
-
-class ApplianceStopping(Exception):
-    """Trio is gone or going: the request cannot be completed now."""
-
-
-class TrioDoor:
-    """The one door from pynetdicom's threads into Trio.
-
-    Handlers call ``door.run(async_fn, *args)``; if the appliance is shutting down the call raises
-    ApplianceStopping, which a handler answers with a DICOM failure status.
-    """
-
-    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
-        self._token = token
-
-    @classmethod
-    def current(cls) -> TrioDoor:
-        return cls(trio.lowlevel.current_trio_token())
-
-    def run(self, async_fn: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return trio.from_thread.run(async_fn, *args, trio_token=self._token)
-        except (trio.RunFinishedError, trio.Cancelled) as exc:
-            raise ApplianceStopping("appliance is stopping") from exc
 
 
 class _AssociationServer(ThreadedAssociationServer):
@@ -135,6 +99,9 @@ class DicomServer:
 
     def active_associations(self) -> int:
         return len(self._server.active_associations) if self._server else 0
+
+    def statistics(self) -> dict[str, int | None]:
+        return {"port": self.bound_port, "associations": self.active_associations()}
 
     def _make_ae(self) -> AE:
         ae = AE(self._ae_title)

@@ -28,19 +28,14 @@ from pydicom.uid import (
 )
 from pynetdicom import AllStoragePresentationContexts, evt
 
+from appliance.dicom import statuses
 from appliance.dicom._pynetdicom import received_spool_file
-from appliance.dicom.server import ApplianceStopping, Handler, TrioDoor, status
+from appliance.dicom.door import ApplianceStopping, TrioDoor
+from appliance.dicom.server import Handler
+from appliance.dicom.statuses import status
 from appliance.log import get_logger
 from appliance.metrics import METRICS
-from appliance.storage.store import (
-    DUPLICATE_CONFLICT,
-    OUT_OF_RESOURCES,
-    PROCESSING_FAILURE,
-    InstanceStore,
-    InvalidInstance,
-    Outcome,
-    describe,
-)
+from appliance.storage.store import InstanceStore, InvalidInstance, Outcome, Problem, describe
 
 log = get_logger("storage-scp")
 
@@ -63,6 +58,12 @@ TRANSFER_SYNTAXES = [
     JPEGBaseline8Bit,
 ]
 
+#: What each reason a dataset cannot be stored is answered with (PS3.4 B.2.3).
+PROBLEM_STATUS = {
+    Problem.MALFORMED: statuses.CANNOT_UNDERSTAND,
+    Problem.INCONSISTENT: statuses.DATASET_MISMATCH,
+}
+
 STORAGE_CONTEXTS = [
     (cx.abstract_syntax, TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts
 ]
@@ -79,8 +80,7 @@ class StorageSCP:
 
     def handle_store(self, event: evt.Event) -> int | Dataset:
         result = self._store_one(event)
-        code = result if isinstance(result, int) else int(result.Status)
-        METRICS.inc("c_store_total", status=f"0x{code:04X}")
+        METRICS.inc("c_store_total", status=f"0x{statuses.code_of(result):04X}")
         return result
 
     def _store_one(self, event: evt.Event) -> int | Dataset:
@@ -96,7 +96,7 @@ class StorageSCP:
             free = self._store.free_bytes()
             if free < self._min_free_bytes:
                 log.warning("instance.refused", phase="disk-floor", free_bytes=free, **context)
-                return status(OUT_OF_RESOURCES, "Disk space below the configured floor")
+                return status(statuses.OUT_OF_RESOURCES, "Disk space below the configured floor")
             storage_hash, size = received_spool_file(event).sync()
             instance = describe(
                 spooled,
@@ -111,18 +111,18 @@ class StorageSCP:
             outcome = self._door.run(self._store.commit, spooled, instance)
         except InvalidInstance as exc:
             log.warning("instance.rejected", phase="validate", reason=exc.reason, **context)
-            return status(exc.status, exc.reason)
+            return status(PROBLEM_STATUS[exc.problem], exc.reason)
         except ApplianceStopping:
             log.warning("instance.refused", phase="shutdown", **context)
-            return status(OUT_OF_RESOURCES, "Gateway is restarting; send again")
+            return status(statuses.OUT_OF_RESOURCES, "Gateway is restarting; send again")
         except OSError as exc:
             log.exception("instance.failed", phase="store", **context)
             if exc.errno == errno.ENOSPC:
-                return status(OUT_OF_RESOURCES, "Disk full")
-            return status(PROCESSING_FAILURE, f"Storage error: {exc.strerror}")
+                return status(statuses.OUT_OF_RESOURCES, "Disk full")
+            return status(statuses.PROCESSING_FAILURE, f"Storage error: {exc.strerror}")
         except Exception:
             log.exception("instance.failed", phase="store", **context)
-            return status(PROCESSING_FAILURE, "Internal error while storing")
+            return status(statuses.PROCESSING_FAILURE, "Internal error while storing")
         log.info(
             "instance.stored",
             outcome=outcome.value,
@@ -133,5 +133,7 @@ class StorageSCP:
         )
         METRICS.inc("c_store_bytes_total", size)
         if outcome is Outcome.CONFLICT:
-            return status(DUPLICATE_CONFLICT, "UID already stored with other content; kept aside")
-        return 0x0000
+            return status(
+                statuses.DUPLICATE_CONFLICT, "UID already stored with other content; kept aside"
+            )
+        return statuses.SUCCESS

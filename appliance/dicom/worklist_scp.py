@@ -20,21 +20,22 @@ from pynetdicom import evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStep, ModalityWorklistInformationFind
 
 from appliance.config import WorklistScpConfig
-from appliance.dicom import encoded, matching
+from appliance.dicom import encoded, matching, statuses
 from appliance.dicom._pynetdicom import PendingFindWriter
 from appliance.dicom.charsets import codecs_for, encode_for
-from appliance.dicom.server import ApplianceStopping, Handler, TrioDoor, status
+from appliance.dicom.door import ApplianceStopping, TrioDoor
+from appliance.dicom.server import Handler
+from appliance.dicom.statuses import (
+    CANCELLED,
+    IDENTIFIER_MISMATCH,
+    PENDING,
+    UNABLE_TO_PROCESS,
+    status,
+)
 from appliance.log import get_logger
 from appliance.metrics import METRICS
-from appliance.worklist.store import (
-    IN_PROGRESS,
-    MISSING_ATTRIBUTE,
-    NO_LONGER_UPDATABLE,
-    UID_ROOT,
-    MppsError,
-    WorklistItem,
-    WorklistStore,
-)
+from appliance.worklist.mpps import MppsError, Refusal
+from appliance.worklist.store import IN_PROGRESS, UID_ROOT, WorklistItem, WorklistStore
 
 log = get_logger("worklist-scp")
 
@@ -44,10 +45,17 @@ WORKLIST_CONTEXTS = [
     (ModalityPerformedProcedureStep, _UNCOMPRESSED),
 ]
 
-PENDING = 0xFF00
-CANCELLED = 0xFE00
-IDENTIFIER_MISMATCH = 0xA900
-UNABLE_TO_PROCESS = 0xC000
+#: What each MPPS refusal is answered with (PS3.4 F.7.2), and its Error ID where one is named.
+REFUSAL_STATUS = {
+    Refusal.NO_SUCH_INSTANCE: (statuses.NO_SUCH_OBJECT_INSTANCE, None),
+    Refusal.DUPLICATE_INSTANCE: (statuses.DUPLICATE_SOP_INSTANCE, None),
+    Refusal.INVALID_VALUE: (statuses.INVALID_ATTRIBUTE_VALUE, None),
+    Refusal.MISSING_ATTRIBUTE: (statuses.MISSING_ATTRIBUTE, None),
+    Refusal.NO_LONGER_UPDATABLE: (
+        statuses.PROCESSING_FAILURE,
+        statuses.ERROR_ID_NO_LONGER_UPDATABLE,
+    ),
+}
 _SPS = 0x00400100  # Scheduled Procedure Step Sequence
 #: Type 1 return keys of the worklist (PS3.4 K.6): an item lacking one is not offered.
 _REQUIRED = ("PatientName", "PatientID", "StudyInstanceUID", "RequestedProcedureID")
@@ -247,32 +255,33 @@ class WorklistSCP:
         try:
             outcome = self._door.run(self._store.write, function, *args)
         except MppsError as exc:
-            log.warning("mpps.refused", phase=operation, reason=exc.reason, status=hex(exc.status))
-            error_id = 0xA710 if exc.status == NO_LONGER_UPDATABLE else None
-            return None, status(exc.status, exc.reason, error_id)
+            code, error_id = REFUSAL_STATUS[exc.refusal]
+            log.warning("mpps.refused", phase=operation, reason=exc.reason, status=hex(code))
+            return None, status(code, exc.reason, error_id)
         except ApplianceStopping:
-            return None, status(0x0110, "Gateway is restarting; send again")
+            return None, status(statuses.PROCESSING_FAILURE, "Gateway is restarting; send again")
         except Exception:
             log.exception("mpps.failed", phase=operation)
-            return None, status(0x0110, "Internal error")
-        return outcome, 0x0000
+            return None, status(statuses.PROCESSING_FAILURE, "Internal error")
+        return outcome, statuses.SUCCESS
 
     def _counted(self, operation: str, *args: Any) -> tuple[Any, int | Dataset]:
         outcome, result = self._apply(operation, *args)
-        code = result if isinstance(result, int) else int(result.Status)
-        METRICS.inc("mpps_total", operation=operation, status=f"0x{code:04X}")
+        METRICS.inc("mpps_total", operation=operation, status=f"0x{statuses.code_of(result):04X}")
         return outcome, result
 
     def handle_n_create(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
         attributes = event.attribute_list
         steps = attributes.get("ScheduledStepAttributesSequence")
         if not steps:
-            return status(MISSING_ATTRIBUTE, "Scheduled Step Attributes Sequence missing"), None
+            return status(
+                statuses.MISSING_ATTRIBUTE, "Scheduled Step Attributes Sequence missing"
+            ), None
         uid = event.request.AffectedSOPInstanceUID or generate_uid(UID_ROOT)
         step = steps[0]
         outcome, result = self._counted(
             "n-create",
-            self._store.mpps_create,
+            self._store.mpps.create,
             str(uid),
             attributes.to_json_dict(),
             str(step.get("AccessionNumber") or "") or None,
@@ -294,7 +303,7 @@ class WorklistSCP:
         uid = str(event.request.RequestedSOPInstanceUID)
         modifications = event.modification_list
         outcome, result = self._counted(
-            "n-set", self._store.mpps_set, uid, modifications.to_json_dict()
+            "n-set", self._store.mpps.update, uid, modifications.to_json_dict()
         )
         if outcome is None:
             return result, None

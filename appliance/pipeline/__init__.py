@@ -1,0 +1,2 @@
+"""The image pipeline: thumbnails, previews and image events off the association path;
+study completeness."""

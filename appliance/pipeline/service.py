@@ -24,8 +24,8 @@ from appliance.config import PipelineConfig
 from appliance.log import get_logger
 from appliance.metrics import METRICS
 from appliance.pipeline.render import RenderError, Rendition, render
+from appliance.storage.files import ensure_directory
 from appliance.storage.index import StoredInstance
-from appliance.storage.layout import ensure_directory
 from appliance.storage.store import InstanceStore
 from appliance.worklist.store import WorklistStore
 
@@ -132,6 +132,10 @@ class ImagePipeline:
 
     async def _process(self, item: StoredInstance) -> None:
         source = self._store.layout.absolute(item.storage_path)
+        if item.accession_number:
+            # The first image of a scheduled item moves it to IN PROGRESS (as the NHS gateway
+            # does): here, not on the association's path; a no-op for later images.
+            await self._worklist.write(self._worklist.image_arrived, item.accession_number)
         linked = (
             await trio.to_thread.run_sync(self._worklist.get, item.accession_number)
             if item.accession_number
@@ -151,9 +155,10 @@ class ImagePipeline:
         if jpegs is not None:
             stem = item.storage_path.removesuffix(".dcm")
             thumbnail_path, preview_path = f"{stem}.thumb.jpg", f"{stem}.preview.jpg"
-            derived = self._store.layout.state_dir / "derived"
             for relative, data in ((thumbnail_path, jpegs[0]), (preview_path, jpegs[1])):
-                await trio.to_thread.run_sync(_write_atomically, derived / relative, data)
+                await trio.to_thread.run_sync(
+                    _write_atomically, self._store.layout.derived_file(relative), data
+                )
             payload["thumbnail"] = base64.b64encode(jpegs[0]).decode("ascii")
         payload["thumbnail_media_type"] = "image/jpeg" if jpegs is not None else None
         await self._store.write(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import cattrs
 import trio
@@ -18,8 +18,8 @@ from attrs import frozen
 
 from appliance.config import strict_converter
 from appliance.log import get_logger
-from appliance.modality import ModalitySimulator, SimulationError
 from appliance.relay.fetch import FetchError, FetchRequest, ImageFetch
+from appliance.storage.store import InstanceStore
 from appliance.worklist.store import CANCELLED, WorklistError, WorklistItem, WorklistStore
 
 log = get_logger("relay")
@@ -71,6 +71,42 @@ class UpdateStatus:
     worklist_item: ItemStatus
 
 
+@frozen
+class UnitSettings:
+    """How the test participant's simulated unit presents itself (all optional)."""
+
+    calling_ae: str = "SIMULATOR"
+    rows: int = 1024
+    columns: int = 832
+
+
+@frozen
+class CreateTestItem:
+    worklist_item: NewItem
+    unit: UnitSettings = UnitSettings()
+
+
+@frozen
+class TestItem:
+    accession_number: str
+
+
+class TestUnit(Protocol):
+    """A simulated unit performing one worklist item against this appliance's ports; a
+    failure raises an exception with a `phase` attribute naming the step."""
+
+    def run(
+        self,
+        accession: str,
+        progress: Callable[[str], None] = ...,
+        phases: list[tuple[str, float]] | None = None,
+    ) -> list[str]: ...
+
+
+#: Builds the test unit aimed at this appliance (injected: the simulator is not production code).
+UnitFactory = Callable[[UnitSettings], TestUnit]
+
+
 class ActionError(Exception):
     """A request the appliance refuses; the message is sent back as is."""
 
@@ -107,16 +143,22 @@ class CloudActions:
         self,
         worklist: WorklistStore,
         health: Callable[[], Awaitable[dict[str, Any]]],
-        simulator: Callable[[], ModalitySimulator] | None = None,
+        *,
+        images: InstanceStore | None = None,
+        test_unit: UnitFactory | None = None,
         fetch: ImageFetch | None = None,
+        events_are_sent: bool = True,
     ) -> None:
         self._worklist = worklist
+        self._images = images
         self._health = health
-        self._simulator = simulator
+        self._test_unit = test_unit
         self._fetch = fetch
+        self._events_are_sent = events_are_sent
         self._handlers = {
             "worklist.create_item": self._create_item,
             "worklist.create_test_item": self._create_test_item,
+            "worklist.remove_test_item": self._remove_test_item,
             "worklist.update_status": self._update_status,
             "worklist.cancel_item": self._cancel_item,
             "health": self._report_health,
@@ -176,16 +218,38 @@ class CloudActions:
 
     async def _create_test_item(self, parameters: Any, message: dict) -> dict:
         """The end-to-end test participant: the item, then a simulated unit performing it."""
-        if self._simulator is None:
+        if self._test_unit is None:
             raise ActionError("the modality simulator is not available here")
-        reply = await self._create_item(parameters, message, test=True)
+        settings = _structure(parameters, CreateTestItem).unit
+        reply = await self._create_item(
+            {"worklist_item": parameters["worklist_item"]}, message, test=True
+        )
         accession = parameters["worklist_item"]["accession_number"]
-        simulator = self._simulator()
+        unit = self._test_unit(settings)
+        phases: list[tuple[str, float]] = []
         try:
-            stored = await trio.to_thread.run_sync(simulator.run, accession)
-        except SimulationError as exc:
-            return {"status": "error", "phase": exc.phase, "message": str(exc), "test": True}
-        return reply | {"test": True, "stored_instances": stored}
+            stored = await trio.to_thread.run_sync(lambda: unit.run(accession, phases=phases))
+        except Exception as exc:  # the unit's failure is the reply, never the listener's
+            return {
+                "status": "error",
+                "phase": getattr(exc, "phase", "simulator"),
+                "message": str(exc),
+                "test": True,
+                "phases": phases,
+            }
+        return reply | {"test": True, "stored_instances": stored, "phases": phases}
+
+    async def _remove_test_item(self, parameters: Any, message: dict) -> dict:
+        """Forget a test participant: its item, MPPS, images and their files, its study; and
+        its events if nothing will ever send them. Real participants are never touched."""
+        accession = _structure(parameters, TestItem).accession_number
+        drop = not self._events_are_sent
+        if not await self._worklist.write(self._worklist.remove_test_item, accession, drop):
+            raise ActionError(f"no test item with accession {accession}")
+        images = 0
+        if self._images is not None:
+            images = await self._images.remove_test_study(accession, drop)
+        return {"status": "removed", "images": images}
 
     async def _update_status(self, parameters: Any, message: dict) -> dict:
         change = _structure(parameters, UpdateStatus).worklist_item

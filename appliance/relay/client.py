@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import random
 import time
-import urllib.parse
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
@@ -15,7 +14,7 @@ from trio_websocket import ConnectionRejected, WebSocketConnection
 
 from appliance.log import get_logger
 from appliance.metrics import METRICS
-from appliance.relay.sas import make_token, resource_uri
+from appliance.relay.endpoint import RelayEndpoint
 from appliance.relay.websocket import open_websocket
 
 log = get_logger("relay")
@@ -29,12 +28,7 @@ class RelayClient:
         self,
         *,
         name: str,
-        endpoint: str,
-        namespace: str,
-        path: str,
-        key_name: str,
-        key: bytes,
-        token_lifetime: float,
+        endpoint: RelayEndpoint,
         backoff: tuple[float, ...],
         clock: Callable[[], float] = time.time,
         connect: Callable[..., AbstractAsyncContextManager[WebSocketConnection]] = open_websocket,
@@ -42,12 +36,8 @@ class RelayClient:
         self.name = name
         #: How WebSockets are opened (TCP in production; in-memory streams in virtual-time tests).
         self._open = connect
-        self._endpoint = endpoint.rstrip("/")
-        self._resource = resource_uri(namespace, path)
-        self._path = path
-        self._key_name = key_name
-        self._key = key
-        self._lifetime = token_lifetime
+        self.endpoint = endpoint
+        self._path = endpoint.path
         self._backoff = backoff
         self._clock = clock
         self._attempt = 0
@@ -55,13 +45,10 @@ class RelayClient:
         self.failures: collections.Counter[str] = collections.Counter()
 
     def _token(self) -> tuple[str, float]:
-        expiry = int(self._clock() + self._lifetime)
-        return make_token(self._resource, self._key_name, self._key, expiry), expiry
+        return self.endpoint.token(self._clock())
 
     def _url(self, action: str, **extra: str) -> tuple[str, float]:
-        token, expiry = self._token()
-        query = urllib.parse.urlencode({"sb-hc-action": action, **extra, "sb-hc-token": token})
-        return f"{self._endpoint}/$hc/{urllib.parse.quote(self._path)}?{query}", expiry
+        return self.endpoint.address(action, self._clock(), **extra)
 
     def _failed(self, phase: str, error: object) -> None:
         self.failures[phase] += 1

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,7 @@ import trio
 from attrs import frozen
 
 from appliance.log import get_logger
-from appliance.storage.index import IndexReader
-from appliance.storage.layout import StorageLayout
+from appliance.storage.store import InstanceStore
 
 log = get_logger("relay")
 
@@ -79,13 +77,12 @@ class Bandwidth:
 class ImageFetch:
     def __init__(
         self,
-        layout: StorageLayout,
+        store: InstanceStore,
         kbps: float,
         concurrency: int,
-        on_fetched: Callable[[str], Awaitable[object]] | None = None,
     ) -> None:
-        self._index = IndexReader(layout)
-        self._on_fetched = on_fetched
+        self._store = store
+        self._index = store.reader
         self._bandwidth = Bandwidth(kbps * 1000 / 8)
         self._slots = trio.CapacityLimiter(concurrency)
         self.sent_bytes = 0
@@ -160,8 +157,8 @@ class ImageFetch:
         finally:
             stream.close()
         intact = digest.hexdigest() == row["storage_hash"]
-        if intact and self._on_fetched is not None:
-            await self._on_fetched(row["sop_instance_uid"])
+        if intact:
+            await self._store.fetched([row["sop_instance_uid"]])
         if not intact:
             log.error(
                 "fetch.instance_damaged", phase="read", sop_instance_uid=row["sop_instance_uid"]

@@ -24,9 +24,9 @@ from trio_websocket import (
     WebSocketConnection,
 )
 
-from appliance import errors
 from appliance.log import get_logger
 from appliance.relay.client import BACKOFF, MAX_MESSAGE, RelayClient
+from appliance.relay.endpoint import DEFAULT_LIVENESS, Liveness, RelayEndpoint
 from appliance.relay.websocket import open_websocket
 
 log = get_logger("relay")
@@ -41,16 +41,10 @@ class RelayListener(RelayClient):
         self,
         *,
         name: str,
-        endpoint: str,
-        namespace: str,
-        path: str,
-        key_name: str,
-        key: bytes,
+        endpoint: RelayEndpoint,
         handle: Callable[..., Awaitable[str]] | None = None,
         conversation: Callable[[WebSocketConnection], Awaitable[None]] | None = None,
-        token_lifetime: float = 3600.0,
-        ping_interval: float = 30.0,
-        ping_timeout: float = 10.0,
+        liveness: Liveness = DEFAULT_LIVENESS,
         backoff: tuple[float, ...] = BACKOFF,
         clock: Callable[[], float] = time.time,
         connect: Callable[..., Any] = open_websocket,
@@ -58,11 +52,6 @@ class RelayListener(RelayClient):
         super().__init__(
             name=name,
             endpoint=endpoint,
-            namespace=namespace,
-            path=path,
-            key_name=key_name,
-            key=key,
-            token_lifetime=token_lifetime,
             backoff=backoff,
             clock=clock,
             connect=connect,
@@ -70,8 +59,8 @@ class RelayListener(RelayClient):
         self._handle = handle
         #: What happens on an accepted connection: by default one action, one reply.
         self._conversation = conversation or self._one_action
-        self._ping_interval = ping_interval
-        self._ping_timeout = ping_timeout
+        self._ping_interval = liveness.ping_interval
+        self._ping_timeout = liveness.ping_timeout
         self.last_contact: float | None = None
         self.accepted = 0
         self.renewals = 0
@@ -87,16 +76,10 @@ class RelayListener(RelayClient):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # Started at once: DICOM service must not wait for the cloud; status shows the relay.
         task_status.started()
-        try:
-            # Conversations outlive the control channel they were accepted on: a long image.fetch
-            # goes on while the channel is reopened.
-            async with trio.open_nursery() as conversations:
-                await self._listen(conversations)
-        except BaseExceptionGroup as group:
-            single = errors.plain(group, Exception)
-            if single is not None:
-                raise single from None
-            raise
+        # Conversations outlive the control channel they were accepted on: a long image.fetch
+        # goes on while the channel is reopened.
+        async with trio.open_nursery() as conversations:
+            await self._listen(conversations)
 
     async def _listen(self, conversations: trio.Nursery) -> None:
         while True:
@@ -145,12 +128,9 @@ class RelayListener(RelayClient):
                             await self._request(control, message["request"])
                     except (ValueError, TypeError, KeyError, AttributeError) as exc:
                         self._failed("control-channel", f"unreadable control message: {exc}")
-        except BaseExceptionGroup as group:
+        except* ConnectionClosed as group:
             # A closed channel surfaces from the nursery wrapped; it is one plain event here.
-            closed = errors.plain(group, ConnectionClosed)
-            if closed is not None:
-                raise closed from None
-            raise
+            raise group.exceptions[0] from None
 
     async def _keepalive(self, control: WebSocketConnection, scope: trio.CancelScope) -> None:
         while True:

@@ -20,13 +20,13 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
 from appliance.log import get_logger
 from appliance.metrics import METRICS
+from appliance.outbox import Outbox
 from appliance.relay.client import BACKOFF, MAX_MESSAGE, RelayClient
-from appliance.relay.outbox import Outbox
+from appliance.relay.endpoint import DEFAULT_LIVENESS, Liveness, RelayEndpoint
 from appliance.relay.websocket import open_websocket
 
 log = get_logger("relay")
 
-IDLE_POLL = 0.5
 PURGE_INTERVAL = 3600.0
 
 
@@ -35,15 +35,10 @@ class RelaySender(RelayClient):
         self,
         *,
         outbox: Outbox,
-        endpoint: str,
-        namespace: str,
-        path: str,
-        key_name: str,
-        key: bytes,
+        endpoint: RelayEndpoint,
         appliance_id: str,
-        token_lifetime: float = 3600.0,
         ack_timeout: float = 30.0,
-        ping_interval: float = 30.0,
+        liveness: Liveness = DEFAULT_LIVENESS,
         retention_days: float = 30.0,
         backoff: tuple[float, ...] = BACKOFF,
         clock: Callable[[], float] = time.time,
@@ -52,11 +47,6 @@ class RelaySender(RelayClient):
         super().__init__(
             name="relay-sender",
             endpoint=endpoint,
-            namespace=namespace,
-            path=path,
-            key_name=key_name,
-            key=key,
-            token_lifetime=token_lifetime,
             backoff=backoff,
             clock=clock,
             connect=connect,
@@ -64,7 +54,7 @@ class RelaySender(RelayClient):
         self._outbox = outbox
         self._appliance_id = appliance_id
         self._ack_timeout = ack_timeout
-        self._ping_interval = ping_interval
+        self._ping_interval = liveness.ping_interval
         self._retention = datetime.timedelta(days=retention_days)
         self.sent = 0
         self.last_ack: float | None = None
@@ -85,6 +75,7 @@ class RelaySender(RelayClient):
         return removed
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._outbox.listen()
         task_status.started()
         next_purge = trio.current_time()
         while True:
@@ -92,7 +83,9 @@ class RelaySender(RelayClient):
                 await trio.to_thread.run_sync(self.purge_delivered)
                 next_purge = trio.current_time() + PURGE_INTERVAL
             if not await trio.to_thread.run_sync(self._outbox.pending, 1):
-                await trio.sleep(IDLE_POLL)  # nothing to send: no connection kept idle
+                # Nothing to send, no connection kept idle: woken when an event commits.
+                with trio.move_on_after(PURGE_INTERVAL):
+                    await self._outbox.wait_for_events()
                 continue
             url, _expiry = self._url("connect")
             try:
@@ -116,11 +109,12 @@ class RelaySender(RelayClient):
         while True:
             batch = await trio.to_thread.run_sync(self._outbox.pending, 50)
             if not batch:
-                if trio.current_time() - idle_since > self._ping_interval:
+                if trio.current_time() - idle_since >= self._ping_interval:
                     with trio.fail_after(self._ack_timeout):
                         await connection.ping()  # idle relay sockets are dropped after ~4 min
                     idle_since = trio.current_time()
-                await trio.sleep(IDLE_POLL)
+                with trio.move_on_at(idle_since + self._ping_interval):
+                    await self._outbox.wait_for_events()
                 continue
             for event in batch:
                 await connection.send_message(json.dumps(event.envelope(self._appliance_id)))

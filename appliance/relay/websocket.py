@@ -17,7 +17,6 @@ import trio
 from trio_websocket import (
     CloseReason,
     ConnectionClosed,
-    HandshakeError,
     WebSocketConnection,
     wrap_client_stream,
 )
@@ -82,16 +81,14 @@ async def websocket_over(
                 with trio.move_on_after(disconnect_timeout, shield=True):
                     await connection.aclose()
                 nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # trio-websocket's reader task reports a rejected handshake or a closed connection from
-        # inside our nursery; callers handle those as the plain exceptions they are.
-        single = errors.plain(group, HandshakeError, ConnectionClosed, LocalProtocolError)
-        if isinstance(single, LocalProtocolError):
-            # e.g. a pong crossing a close: the connection is over, like any other close.
-            raise ConnectionClosed(CloseReason(1006, str(single))) from None
-        if single is not None:
-            raise single from None
+    # trio-websocket's reader task reports a rejected handshake or a closed connection from
+    # inside our nursery, and the body's own exceptions come out of it wrapped too: callers
+    # handle each as the plain exception it is.
+    except* LocalProtocolError as group:
+        # e.g. a pong crossing a close: the connection is over, like any other close.
+        raise ConnectionClosed(CloseReason(1006, str(group.exceptions[0]))) from None
+    except* Exception as group:
         found = list(errors.leaves(group))
-        if len(found) == 1 and isinstance(found[0], Exception):
-            raise found[0] from None  # the caller's own exception, from the body
+        if len(found) == 1:
+            raise found[0] from None
         raise

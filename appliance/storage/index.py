@@ -1,7 +1,9 @@
-"""The SQLite index of stored instances (`pacs.db`).
+"""The tables of `pacs.db`: stored instances, conflicts kept aside, and study states.
 
-Synchronous and not thread-safe on its own: the InstanceStore is its one writer and serialises
-every call through a single-thread limiter. WAL lets status readers use their own connections.
+This module is the only one that executes SQL on pacs.db's own tables (the `events` table is
+appliance/outbox.py's). `Index` runs in the database's writer thread, called through the
+InstanceStore that owns the database; `IndexReader` answers read-only queries from any thread
+(DICOM handlers, relay fetches, status, fsck's checks) on the database's readers.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ import datetime
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 from attrs import frozen
 
-from appliance import events
-from appliance.db import connect
-from appliance.storage.layout import StorageLayout
+from appliance import outbox
+from appliance.db import Database
+from appliance.state import StatePaths
 
 #: Columns added after the first release: (name, declaration); added in place when missing.
 PIPELINE_COLUMNS = [
@@ -34,7 +37,7 @@ RELEASE_COLUMNS = [
 ]
 
 SCHEMA = (
-    events.SCHEMA
+    outbox.SCHEMA
     + """
 CREATE TABLE IF NOT EXISTS stored_instances (
     sop_instance_uid    TEXT PRIMARY KEY,
@@ -71,6 +74,19 @@ CREATE TABLE IF NOT EXISTS instance_conflicts (
     source_aet       TEXT,
     source_address   TEXT,
     created_at       TEXT NOT NULL
+);
+
+-- Study completeness (appliance/pipeline/studies.py decides; this is its memory).
+CREATE TABLE IF NOT EXISTS studies (
+    study_key          TEXT PRIMARY KEY,   -- accession number, else "uid:" + Study Instance UID
+    accession_number   TEXT,
+    study_instance_uid TEXT,
+    state              TEXT NOT NULL,      -- OPEN, COMPLETE, DISCONTINUED
+    first_instance_at  TEXT NOT NULL,
+    last_instance_at   TEXT NOT NULL,
+    rule               TEXT,
+    completed_at       TEXT,
+    completions        INTEGER NOT NULL DEFAULT 0
 );
 """
 )
@@ -116,21 +132,63 @@ def _utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
-class Index:
-    def __init__(self, path: Path) -> None:
-        self._db = connect(path)
-        self._db.executescript(SCHEMA)
-        present = {row["name"] for row in self._db.execute("PRAGMA table_info(stored_instances)")}
-        for name, declaration in PIPELINE_COLUMNS + RELEASE_COLUMNS:
-            if name not in present:
-                self._db.execute(f"ALTER TABLE stored_instances ADD COLUMN {name} {declaration}")
-        self._db.execute(
-            "CREATE INDEX IF NOT EXISTS stored_instances_pipeline"
-            " ON stored_instances (pipeline_state, pipeline_next_at)"
-        )
+def migrate(db: sqlite3.Connection) -> None:
+    """Columns added after the first release, added in place when missing."""
+    present = {row["name"] for row in db.execute("PRAGMA table_info(stored_instances)")}
+    for name, declaration in PIPELINE_COLUMNS + RELEASE_COLUMNS:
+        if name not in present:
+            db.execute(f"ALTER TABLE stored_instances ADD COLUMN {name} {declaration}")
+    db.execute(
+        "CREATE INDEX IF NOT EXISTS stored_instances_pipeline"
+        " ON stored_instances (pipeline_state, pipeline_next_at)"
+    )
 
-    def close(self) -> None:
-        self._db.close()
+
+def open_database(paths: StatePaths) -> Database:
+    """pacs.db's Database (not yet open): its one owner is the InstanceStore."""
+    return Database(paths.pacs_db, SCHEMA, migrate=migrate)
+
+
+@frozen
+class StudyState:
+    study_key: str
+    accession_number: str | None
+    study_instance_uid: str | None
+    state: str  # OPEN, COMPLETE, DISCONTINUED
+    first_instance_at: str
+    last_instance_at: str
+    rule: str | None = None
+    completed_at: str | None = None
+    completions: int = 0
+
+
+def _retention_candidates(
+    db: sqlite3.Connection, stored_before: str, require_release: bool, limit: int
+) -> list[StoredInstance]:
+    """Images retention may delete, oldest first: stored before the cut-off, processed, and
+    with no image event still waiting for the cloud's ack (delivered events may have been
+    purged since, undelivered ones never are). Rows left half-deleted come first."""
+    released = "AND (committed_at IS NOT NULL OR fetched_at IS NOT NULL)"
+    rows = db.execute(
+        "SELECT * FROM stored_instances s WHERE status = 'DELETING' OR (created_at < ?"
+        " AND pipeline_state IN ('DONE', 'FAILED') "
+        + (released if require_release else "")
+        + f" AND NOT {outbox.IMAGE_EVENT_UNDELIVERED})"
+        " ORDER BY status != 'DELETING', created_at LIMIT ?",
+        (stored_before, limit),
+    ).fetchall()
+    return [StoredInstance(**dict(row)) for row in rows]
+
+
+class Index:
+    """pacs.db's SQL for its owner's writer thread."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        return self._database.connection
 
     def get(self, sop_instance_uid: str) -> StoredInstance | None:
         row = self._db.execute(
@@ -165,34 +223,25 @@ class Index:
             "DELETE FROM stored_instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
         )
 
-    def released(self, column: str, sop_instance_uids: list[str]) -> None:
-        """Record that storage commitment (`committed_at`) or the cloud (`fetched_at`) has them."""
-        if column not in dict(RELEASE_COLUMNS):
-            raise ValueError(column)
+    def _release(self, column: str, sop_instance_uids: list[str]) -> None:
         self._db.executemany(
             f"UPDATE stored_instances SET {column} = ? WHERE sop_instance_uid = ?"
             f" AND {column} IS NULL",
             [(_utc_now(), uid) for uid in sop_instance_uids],
         )
 
+    def committed(self, sop_instance_uids: list[str]) -> None:
+        """Storage commitment confirmed these to a modality (retention may rely on it)."""
+        self._release("committed_at", sop_instance_uids)
+
+    def fetched(self, sop_instance_uids: list[str]) -> None:
+        """The cloud fetched these whole (image.fetch)."""
+        self._release("fetched_at", sop_instance_uids)
+
     def retention_candidates(
         self, stored_before: str, require_release: bool, limit: int
     ) -> list[StoredInstance]:
-        """Images retention may delete, oldest first: stored before the cut-off, processed, and
-        with no image event still waiting for the cloud's ack (delivered events may have been
-        purged since, undelivered ones never are). Rows left half-deleted come first."""
-        released = "AND (committed_at IS NOT NULL OR fetched_at IS NOT NULL)"
-        rows = self._db.execute(
-            "SELECT * FROM stored_instances s WHERE status = 'DELETING' OR (created_at < ?"
-            " AND pipeline_state IN ('DONE', 'FAILED') "
-            + (released if require_release else "")
-            + " AND NOT EXISTS (SELECT 1 FROM events e WHERE e.delivered_at IS NULL"
-            " AND e.event_type IN ('image.received', 'image.failed')"
-            " AND json_extract(e.payload, '$.sop_instance_uid') = s.sop_instance_uid))"
-            " ORDER BY status != 'DELETING', created_at LIMIT ?",
-            (stored_before, limit),
-        ).fetchall()
-        return [StoredInstance(**dict(row)) for row in rows]
+        return _retention_candidates(self._db, stored_before, require_release, limit)
 
     def set_status(self, sop_instance_uid: str, status: str) -> None:
         self._db.execute(
@@ -232,26 +281,21 @@ class Index:
         error: str | None = None,
     ) -> None:
         """Record the pipeline's outcome and its event in one transaction: exactly once."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            updated = self._db.execute(
+        with self._database.transaction() as db:
+            updated = db.execute(
                 "UPDATE stored_instances SET pipeline_state = ?, thumbnail_path = ?,"
                 " preview_path = ?, pipeline_error = ?, pipeline_attempts = pipeline_attempts + 1"
                 " WHERE sop_instance_uid = ? AND pipeline_state = 'PENDING'",
                 (state, thumbnail_path, preview_path, error, instance.sop_instance_uid),
             ).rowcount
             if updated:  # not already finished by an earlier run
-                events.insert(
-                    self._db,
+                outbox.record(
+                    self._database,
                     event_type,
                     payload,
                     accession_number=instance.accession_number,
                     source_message_id=source_message_id,
                 )
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     def retry_later(self, sop_instance_uid: str, error: str, next_at: str) -> None:
         self._db.execute(
@@ -260,43 +304,109 @@ class Index:
             (error, next_at, sop_instance_uid),
         )
 
-    def events(self) -> list[dict]:
-        return events.read_all(self._db)
-
-    def undelivered_events(self) -> tuple[int, str | None]:
-        return events.undelivered(self._db)
-
     def last_received(self) -> str | None:
         return self._db.execute("SELECT max(created_at) FROM stored_instances").fetchone()[0]
-
-    @property
-    def db(self) -> sqlite3.Connection:
-        """The write connection, for the study tracker, which runs in this index's writer."""
-        return self._db
 
     def count(self) -> int:
         return self._db.execute("SELECT count(*) FROM stored_instances").fetchone()[0]
 
+    def remove_test_study(
+        self, accession_number: str, drop_unsent_events: bool
+    ) -> list[StoredInstance]:
+        """Forget a self-test's instances and study (their files are the caller's to unlink);
+        with `drop_unsent_events` its events too, which nothing would ever send."""
+        with self._database.transaction() as db:
+            rows = db.execute(
+                "SELECT * FROM stored_instances WHERE accession_number = ?", (accession_number,)
+            ).fetchall()
+            db.execute(
+                "DELETE FROM stored_instances WHERE accession_number = ?", (accession_number,)
+            )
+            db.execute("DELETE FROM studies WHERE accession_number = ?", (accession_number,))
+            if drop_unsent_events:
+                outbox.drop_undelivered(self._database, accession_number)
+        return [StoredInstance(**dict(row)) for row in rows]
+
+    # --- studies ----------------------------------------------------------------------------------
+
+    def stored_since(self, since: str) -> list[StoredInstance]:
+        """STORED instances received since `since`, oldest first: what study completeness sees."""
+        rows = self._db.execute(
+            "SELECT * FROM stored_instances WHERE status = 'STORED' AND created_at >= ?"
+            " ORDER BY created_at",
+            (since,),
+        ).fetchall()
+        return [StoredInstance(**dict(row)) for row in rows]
+
+    def study(self, study_key: str) -> StudyState | None:
+        row = self._db.execute("SELECT * FROM studies WHERE study_key = ?", (study_key,)).fetchone()
+        return StudyState(**dict(row)) if row else None
+
+    def open_study(self, study: StudyState) -> None:
+        self._db.execute(
+            "INSERT INTO studies (study_key, accession_number, study_instance_uid, state,"
+            " first_instance_at, last_instance_at) VALUES (?, ?, ?, 'OPEN', ?, ?)",
+            (
+                study.study_key,
+                study.accession_number,
+                study.study_instance_uid,
+                study.first_instance_at,
+                study.last_instance_at,
+            ),
+        )
+
+    def study_grew(self, study_key: str, last_instance_at: str) -> None:
+        self._db.execute(
+            "UPDATE studies SET last_instance_at = ? WHERE study_key = ?",
+            (last_instance_at, study_key),
+        )
+
+    def study_transition(
+        self,
+        study: StudyState,
+        event_type: str,
+        payload: dict[str, Any],
+        source_message_id: str | None,
+    ) -> None:
+        """Commit a study's new state (from `study`) with its event: never one without the other."""
+        completions = 1 if study.state != "OPEN" else 0
+        with self._database.transaction() as db:
+            db.execute(
+                "UPDATE studies SET state = ?, completions = completions + ?, rule = ?,"
+                " completed_at = ?, last_instance_at = ? WHERE study_key = ?",
+                (
+                    study.state,
+                    completions,
+                    study.rule,
+                    study.completed_at,
+                    study.last_instance_at,
+                    study.study_key,
+                ),
+            )
+            outbox.record(
+                self._database,
+                event_type,
+                payload,
+                accession_number=study.accession_number,
+                source_message_id=source_message_id,
+            )
+
 
 class IndexReader:
-    """Read-only queries on the index for any thread (DICOM handlers, relay fetches): a
-    connection of its own per call, never the writer's."""
+    """Read-only queries on pacs.db for any thread (DICOM handlers, relay fetches, status):
+    the database's read-only readers, never the writer's connection."""
 
-    def __init__(self, layout: StorageLayout) -> None:
-        self._layout = layout
+    def __init__(self, database: Database, paths: StatePaths) -> None:
+        self._database = database
+        self._paths = paths
 
     def select(
         self, where: str, params: Sequence[object] = (), order: str = "created_at"
     ) -> list[sqlite3.Row]:
-        db = sqlite3.connect(f"file:{self._layout.index_path}?mode=ro", uri=True)
-        try:
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA busy_timeout=10000")
+        with self._database.reader() as db:
             return db.execute(
                 f"SELECT * FROM stored_instances WHERE {where} ORDER BY {order}", params
             ).fetchall()
-        finally:
-            db.close()
 
     def instance(self, sop_instance_uid: str) -> sqlite3.Row | None:
         rows = self.select("sop_instance_uid = ?", (sop_instance_uid,))
@@ -306,4 +416,60 @@ class IndexReader:
         return self.select("study_instance_uid = ?", (study_instance_uid,))
 
     def path(self, row: sqlite3.Row) -> Path:
-        return self._layout.absolute(row["storage_path"])
+        return self._paths.absolute(row["storage_path"])
+
+    def instances(self, sop_instance_uids: Sequence[str]) -> list[StoredInstance]:
+        marks = ",".join("?" * len(sop_instance_uids))
+        return [
+            StoredInstance(**dict(row))
+            for row in self.select(f"sop_instance_uid IN ({marks})", tuple(sop_instance_uids))
+        ]
+
+    def study_state(self, accession_number: str) -> StudyState | None:
+        with self._database.reader() as db:
+            row = db.execute(
+                "SELECT * FROM studies WHERE accession_number = ?", (accession_number,)
+            ).fetchone()
+        return StudyState(**dict(row)) if row else None
+
+    def retention_candidates(
+        self, stored_before: str, require_release: bool, limit: int
+    ) -> list[StoredInstance]:
+        with self._database.reader() as db:
+            return _retention_candidates(db, stored_before, require_release, limit)
+
+    def all_instances(self) -> list[StoredInstance]:
+        return [StoredInstance(**dict(row)) for row in self.select("1")]
+
+    @staticmethod
+    def empty_summary() -> dict[str, Any]:
+        return {
+            "images_today": 0,
+            "pipeline_backlog": 0,
+            "open_studies": 0,
+            "last_image_received": None,
+        }
+
+    def summary(self, today: str) -> dict[str, Any]:
+        """For `appliance status` and health: images today, pipeline backlog, open studies."""
+        with self._database.reader() as db:
+            try:
+                images = db.execute(
+                    "SELECT count(*) FROM stored_instances WHERE created_at >= ?", (today,)
+                ).fetchone()[0]
+                backlog = db.execute(
+                    "SELECT count(*) FROM stored_instances WHERE pipeline_state = 'PENDING'"
+                ).fetchone()[0]
+                open_studies = db.execute(
+                    "SELECT count(*) FROM studies WHERE state = 'OPEN'"
+                ).fetchone()[0]
+                last = db.execute("SELECT max(created_at) FROM stored_instances").fetchone()[0]
+            except sqlite3.OperationalError:  # tables not created yet
+                images = backlog = open_studies = 0
+                last = None
+        return {
+            "images_today": images,
+            "pipeline_backlog": backlog,
+            "open_studies": open_studies,
+            "last_image_received": last,
+        }

@@ -1,5 +1,9 @@
 """Reconcile files and index after a crash (at every startup) and on demand (`appliance fsck`).
 
+With an `index` it repairs (in pacs.db's writer, with the appliance's lock held); without one
+it only counts what a repair would do, and leaves the spool alone (its files may belong to
+associations in progress): that is `appliance fsck` beside a running appliance.
+
 - spool/: every file there belongs to an association that no longer exists: deleted.
 - storage/ files without an index row (a crash between placing and indexing): indexed again.
 - index rows whose file is gone: flagged MISSING (a re-send from the modality restores them).
@@ -16,8 +20,9 @@ from pathlib import Path
 import attrs
 
 from appliance.log import get_logger
-from appliance.storage.index import Index
-from appliance.storage.layout import StorageLayout, file_sha256, hash_and_sync
+from appliance.state import StatePaths
+from appliance.storage.files import file_sha256, hash_and_sync
+from appliance.storage.index import Index, StoredInstance
 from appliance.storage.store import InvalidInstance, describe
 
 log = get_logger("storage")
@@ -36,6 +41,11 @@ class RecoveryReport:
     files_checked: int = 0
 
     @property
+    def needs_repair(self) -> bool:
+        """A repairing run would change something (a check-only run's question)."""
+        return not self.clean or bool(self.rows_restored)
+
+    @property
     def clean(self) -> bool:
         problems = self.files_unrecognised or self.rows_missing or self.rows_corrupt
         return not (problems or self.files_reindexed or self.spool_files_removed)
@@ -50,18 +60,20 @@ def _stored_files(storage: Path) -> list[str]:
 
 
 def recover(
-    layout: StorageLayout,
-    index: Index,
+    layout: StatePaths,
+    instances: list[StoredInstance],
+    index: Index | None,
     *,
     verify_hashes: bool = False,
     progress: Progress | None = None,
 ) -> RecoveryReport:
     report = RecoveryReport()
-    for leftover in layout.spool.iterdir():
-        leftover.unlink()
-        report.spool_files_removed += 1
+    if index is not None:
+        for leftover in layout.spool.iterdir():
+            leftover.unlink()
+            report.spool_files_removed += 1
 
-    rows = {row.storage_path: row for row in index.instances()}
+    rows = {row.storage_path: row for row in instances}
     files = _stored_files(layout.storage)
     for relative in files:
         if relative in rows:
@@ -78,7 +90,8 @@ def recover(
             log.warning("recovery.unrecognised_file", path=relative, reason="not at its hash path")
             report.files_unrecognised.append(relative)
             continue
-        index.insert(instance)
+        if index is not None:
+            index.insert(instance)
         report.files_reindexed += 1
 
     present = set(files)
@@ -86,7 +99,8 @@ def recover(
     for done, (relative, row) in enumerate(rows.items(), start=1):
         if relative not in present:
             if row.status != "MISSING":
-                index.set_status(row.sop_instance_uid, "MISSING")
+                if index is not None:
+                    index.set_status(row.sop_instance_uid, "MISSING")
                 report.rows_missing += 1
         else:
             healthy = True
@@ -94,10 +108,12 @@ def recover(
                 report.files_checked += 1
                 healthy = file_sha256(layout.absolute(relative)) == row.storage_hash
             if not healthy and row.status != "CORRUPT":
-                index.set_status(row.sop_instance_uid, "CORRUPT")
+                if index is not None:
+                    index.set_status(row.sop_instance_uid, "CORRUPT")
                 report.rows_corrupt += 1
             elif healthy and row.status != "STORED" and (verify_hashes or row.status == "MISSING"):
-                index.set_status(row.sop_instance_uid, "STORED")
+                if index is not None:
+                    index.set_status(row.sop_instance_uid, "STORED")
                 report.rows_restored += 1
         if progress is not None:
             progress("verify" if verify_hashes else "check", done, total)

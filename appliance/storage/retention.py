@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import datetime
 import shutil
-import sqlite3
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 import trio
@@ -40,14 +38,6 @@ class RetentionReport:
     deleted: int = 0
     bytes_freed: int = 0
     seconds: float = 0.0
-
-
-def _unlink_all(store: InstanceStore, instance: StoredInstance) -> None:
-    derived = store.layout.state_dir / "derived"
-    for relative in (instance.thumbnail_path, instance.preview_path):
-        if relative:
-            (derived / relative).unlink(missing_ok=True)
-    store.layout.absolute(instance.storage_path).unlink(missing_ok=True)
 
 
 class StorageHousekeeper:
@@ -81,12 +71,20 @@ class StorageHousekeeper:
         started = trio.current_time()
         index = self._store.index
         while True:
-            batch = await self._store.read(
-                index.retention_candidates,
-                self.cutoff(),
-                self._config.require_commit_or_fetch,
-                10**9 if dry_run else BATCH,  # a dry run counts everything in one read
-            )
+            if dry_run:  # counts everything in one read, on a reader: it never writes
+                batch = await trio.to_thread.run_sync(
+                    self._store.reader.retention_candidates,
+                    self.cutoff(),
+                    self._config.require_commit_or_fetch,
+                    10**9,
+                )
+            else:
+                batch = await self._store.read(
+                    index.retention_candidates,
+                    self.cutoff(),
+                    self._config.require_commit_or_fetch,
+                    BATCH,
+                )
             if not batch:
                 break
             report.candidates += len(batch)
@@ -114,7 +112,7 @@ class StorageHousekeeper:
     async def _delete(self, instance: StoredInstance) -> None:
         index = self._store.index
         await self._store.write(index.set_status, instance.sop_instance_uid, "DELETING")
-        await trio.to_thread.run_sync(_unlink_all, self._store, instance)
+        await trio.to_thread.run_sync(self._store.unlink_files, instance)
         await self._store.write(index.delete, instance.sop_instance_uid)
 
     def check_disk(self) -> int:
@@ -129,17 +127,18 @@ class StorageHousekeeper:
 
     async def checkpoint(self) -> None:
         """Fold each database's WAL back in, so it does not grow between quiet periods."""
-        targets: list[tuple[str, Any, Callable[[], sqlite3.Connection]]] = [
-            ("pacs.db", self._store.write, lambda: self._store.index.db)
-        ]
+        databases = [self._store.database]
         if self._worklist is not None:
-            worklist = self._worklist
-            targets.append(("worklist.db", worklist.write, lambda: worklist.db))
-        for name, write, db in targets:
-            busy, pages, moved = await write(
-                lambda db=db: db().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            databases.append(self._worklist.database)
+        for database in databases:
+            busy, pages, moved = await database.write(database.checkpoint)
+            log.info(
+                "storage.checkpoint",
+                database=database.path.name,
+                busy=busy,
+                wal_pages=pages,
+                moved=moved,
             )
-            log.info("storage.checkpoint", database=name, busy=busy, wal_pages=pages, moved=moved)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

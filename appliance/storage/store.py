@@ -13,7 +13,7 @@ import functools
 import os
 import shutil
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,30 +23,29 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import data_element_generator
 from pydicom.uid import UID
 
-from appliance.db import SerialWriter
+from appliance import outbox
 from appliance.log import get_logger
-from appliance.storage.index import Index, StoredInstance
-from appliance.storage.layout import StorageLayout, file_sha256, place
+from appliance.state import StatePaths
+from appliance.storage.files import ensure_directory, file_sha256, place
+from appliance.storage.index import Index, IndexReader, StoredInstance, open_database
 
 log = get_logger("storage")
 T = TypeVar("T")
 
-# C-STORE statuses (PS3.4 B.2.3)
-OUT_OF_RESOURCES = 0xA700
-DATASET_MISMATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-PROCESSING_FAILURE = 0x0110
-#: Warning for "already stored with other content; this copy kept aside". PS3.4 defines no
-#: dedicated code; B000 (coercion) is the warning modalities log and carry on from.
-DUPLICATE_CONFLICT = 0xB000
+
+class Problem(enum.Enum):
+    """Why a dataset cannot be stored (the storage SCP maps each to its DICOM status)."""
+
+    MALFORMED = "malformed"  # cannot be parsed: lengths past the end, no File Meta
+    INCONSISTENT = "inconsistent"  # parses, but contradicts the request or lacks what it needs
 
 
 class InvalidInstance(Exception):
-    """The dataset cannot be stored as it is; ``status`` is the DICOM failure to answer."""
+    """The dataset cannot be stored as it is, and why."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, problem: Problem, reason: str) -> None:
         super().__init__(reason)
-        self.status = status
+        self.problem = problem
         self.reason = reason
 
 
@@ -88,14 +87,14 @@ def check_structure(path: Path, transfer_syntax: UID, dataset_offset: int) -> bo
                 break
         position = stream.tell()
         if position > size:
-            raise InvalidInstance(CANNOT_UNDERSTAND, "malformed dataset: lengths past its end")
+            raise InvalidInstance(Problem.MALFORMED, "malformed dataset: lengths past its end")
         header = stream.read(8 if implicit else 12)
     if len(header) < 8:
         return False
     length_at = 4 if implicit else 8
     (length,) = struct.unpack_from("<I" if little else ">I", header, length_at)
     if length != UNDEFINED_LENGTH and position + len(header) + length > size:
-        raise InvalidInstance(DATASET_MISMATCH, "Pixel Data truncated")
+        raise InvalidInstance(Problem.INCONSISTENT, "Pixel Data truncated")
     return True
 
 
@@ -109,7 +108,7 @@ def _dataset_offset(path: Path) -> int:
     with path.open("rb") as stream:
         head = stream.read(144)
     if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
-        raise InvalidInstance(CANNOT_UNDERSTAND, "no DICOM File Meta group")
+        raise InvalidInstance(Problem.MALFORMED, "no DICOM File Meta group")
     return 144 + int.from_bytes(head[140:144], "little")
 
 
@@ -118,7 +117,7 @@ def describe(
     *,
     storage_hash: str,
     file_size: int,
-    layout: StorageLayout,
+    layout: StatePaths,
     expected_sop_instance_uid: str | None = None,
     expected_sop_class_uid: str | None = None,
     source_aet: str | None = None,
@@ -147,21 +146,21 @@ def describe(
         }
         laterality = _text(dataset, "ImageLaterality") or _text(dataset, "Laterality")
     except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError) as exc:
-        raise InvalidInstance(CANNOT_UNDERSTAND, f"unreadable dataset: {exc}") from exc
+        raise InvalidInstance(Problem.MALFORMED, f"unreadable dataset: {exc}") from exc
     if not sop_instance_uid:
-        raise InvalidInstance(DATASET_MISMATCH, "SOP Instance UID missing")
+        raise InvalidInstance(Problem.INCONSISTENT, "SOP Instance UID missing")
     if expected_sop_instance_uid and sop_instance_uid != expected_sop_instance_uid:
-        raise InvalidInstance(DATASET_MISMATCH, "SOP Instance UID differs from the request")
+        raise InvalidInstance(Problem.INCONSISTENT, "SOP Instance UID differs from the request")
     if not sop_class_uid or (expected_sop_class_uid and sop_class_uid != expected_sop_class_uid):
-        raise InvalidInstance(DATASET_MISMATCH, "SOP Class UID missing or differs from request")
+        raise InvalidInstance(Problem.INCONSISTENT, "SOP Class UID missing or differs from request")
     if not study_instance_uid:
-        raise InvalidInstance(DATASET_MISMATCH, "Study Instance UID missing")
+        raise InvalidInstance(Problem.INCONSISTENT, "Study Instance UID missing")
     if "Rows" in dataset and not has_pixels:
-        raise InvalidInstance(DATASET_MISMATCH, "Pixel Data missing from an image")
+        raise InvalidInstance(Problem.INCONSISTENT, "Pixel Data missing from an image")
     try:
         storage_path = layout.relative_path(sop_instance_uid)
     except UnicodeEncodeError:
-        raise InvalidInstance(DATASET_MISMATCH, "SOP Instance UID is not ASCII") from None
+        raise InvalidInstance(Problem.INCONSISTENT, "SOP Instance UID is not ASCII") from None
     return StoredInstance(
         sop_instance_uid=sop_instance_uid,
         storage_path=storage_path,
@@ -180,54 +179,72 @@ def describe(
 
 
 class InstanceStore:
-    """Owns the index's write connection and the files under storage/ and conflicts/."""
+    """The one owner of pacs.db (through its Database) and of the files under storage/,
+    conflicts/ and derived/."""
 
     def __init__(
         self,
-        layout: StorageLayout,
+        paths: StatePaths,
         stored: trio.MemorySendChannel[StoredInstance] | None = None,
-        on_stored: Callable[[StoredInstance], Awaitable[None]] | None = None,
     ) -> None:
-        self.layout = layout
+        self.layout = paths
+        self.database = open_database(paths)
         self._stored = stored
-        self._on_stored = on_stored
-        self._write = SerialWriter()
-        self._index: Index | None = None
-
-    @property
-    def index(self) -> Index:
-        if self._index is None:
-            raise RuntimeError("InstanceStore is not open")
-        return self._index
+        self.index = Index(self.database)
+        #: Read-only queries for any thread.
+        self.reader = IndexReader(self.database, paths)
 
     def open(self) -> None:
-        self.layout.create()
-        self._index = Index(self.layout.index_path)
+        for directory in (self.layout.spool, self.layout.storage, self.layout.conflicts):
+            ensure_directory(directory)
+        self.database.open()
 
     def close(self) -> None:
-        if self._index is not None:
-            self._index.close()
-            self._index = None
+        self.database.close()
+
+    def events(self, accession_number: str | None = None) -> list[dict[str, Any]]:
+        """pacs.db's events (of one accession), oldest first, on a reader."""
+        with self.database.reader() as db:
+            return outbox.events_of(db, accession_number)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.layout.state_dir).free
 
     async def write(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run an index write in the one writer thread."""
-        return await self._write(functools.partial(function, *args, **kwargs))
+        """Run an index write in the database's writer thread."""
+        return await self.database.write(functools.partial(function, *args, **kwargs))
 
     async def read(self, function: Callable[..., T], *args: Any) -> T:
-        """Index reads share the writer's connection, so they queue behind it too."""
-        return await self._write(function, *args)
+        """Index reads on the write connection queue behind the writes (a consistent view)."""
+        return await self.database.write(function, *args)
+
+    async def committed(self, sop_instance_uids: list[str]) -> None:
+        """Storage commitment confirmed these to a modality."""
+        await self.database.write(self.index.committed, sop_instance_uids)
+
+    async def fetched(self, sop_instance_uids: list[str]) -> None:
+        """The cloud fetched these whole."""
+        await self.database.write(self.index.fetched, sop_instance_uids)
+
+    def unlink_files(self, instance: StoredInstance) -> None:
+        """Remove an instance's file and its derived images (retention, selftest cleanup)."""
+        for relative in (instance.thumbnail_path, instance.preview_path):
+            if relative:
+                self.layout.derived_file(relative).unlink(missing_ok=True)
+        self.layout.absolute(instance.storage_path).unlink(missing_ok=True)
+
+    async def remove_test_study(self, accession_number: str, drop_unsent_events: bool) -> int:
+        """A self-test's images, files and study forgotten, by the owner: returns how many."""
+        removed = await self.database.write(
+            self.index.remove_test_study, accession_number, drop_unsent_events
+        )
+        for instance in removed:
+            await trio.to_thread.run_sync(self.unlink_files, instance)
+        return len(removed)
 
     async def commit(self, spooled: Path, instance: StoredInstance) -> Outcome:
         """Place a hashed and fsynced spool file and index it; durable when this returns."""
-        outcome = await self._write(self.commit_sync, spooled, instance)
-        if outcome is Outcome.STORED and self._on_stored is not None:
-            try:
-                await self._on_stored(instance)
-            except Exception:  # the image is safe; a follow-up failing must not fail the store
-                log.exception("instance.follow_up_failed", phase="on-stored")
+        outcome = await self.database.write(self.commit_sync, spooled, instance)
         if outcome is Outcome.STORED and self._stored is not None:
             try:
                 self._stored.send_nowait(instance)

@@ -1,29 +1,30 @@
-"""The worklist and MPPS store (`worklist.db`): the domain API used by relay actions, the CLI
-and the DICOM handlers.
+"""The worklist store: the one owner of `worklist.db` (items, their archive, MPPS instances).
 
-One writer connection, used from one thread at a time (callers serialise through a limiter);
-readers take their own connections from a small pool (WAL). Every state change that the cloud
-must hear of inserts its domain event in the same transaction (the `events` table: the relay
-outbox drains it).
+The domain API used by relay actions, the CLI and the DICOM handlers. Writes run in the
+database's writer thread (`await store.write(store.create, item)` inside the appliance; offline
+commands call the methods directly); reads use read-only readers from any thread. Every state
+change that the cloud must hear of records its event in the same transaction (appliance/outbox.py).
+The MPPS rules are appliance/worklist/mpps.py, on this store's transactions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import json
-import queue
 import sqlite3
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import attrs
 from attrs import frozen
 from pydicom.uid import generate_uid
 
-from appliance import events
-from appliance.db import SerialWriter, connect
+from appliance import outbox
+from appliance.db import Database
+from appliance.state import StatePaths
+
+T = TypeVar("T")
+P = ParamSpec("P")
 
 SCHEDULED, IN_PROGRESS, COMPLETED, DISCONTINUED, CANCELLED = (
     "SCHEDULED",
@@ -64,7 +65,7 @@ _ITEM_COLUMNS = """
 """
 
 SCHEMA = (
-    events.SCHEMA
+    outbox.SCHEMA
     + f"""
 CREATE TABLE IF NOT EXISTS worklist_items ({_ITEM_COLUMNS});
 CREATE INDEX IF NOT EXISTS worklist_items_offered ON worklist_items (status, scheduled_at);
@@ -72,15 +73,7 @@ CREATE INDEX IF NOT EXISTS worklist_items_patient ON worklist_items (patient_id)
 CREATE INDEX IF NOT EXISTS worklist_items_modality ON worklist_items (modality, scheduled_at);
 CREATE TABLE IF NOT EXISTS worklist_archive ({_ITEM_COLUMNS}, archived_at TEXT NOT NULL);
 
-CREATE TABLE IF NOT EXISTS mpps_instances (
-    sop_instance_uid  TEXT PRIMARY KEY,
-    accession_number  TEXT,
-    status            TEXT NOT NULL,
-    attributes        TEXT NOT NULL,  -- DICOM JSON of the current state
-    created_at        TEXT NOT NULL,
-    updated_at        TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS mpps_accession ON mpps_instances (accession_number);
+
 
 """
 )
@@ -169,124 +162,52 @@ class InvalidTransition(WorklistError):
     code = "invalid_status"
 
 
-class MppsError(Exception):
-    """An MPPS request that cannot be applied; ``status`` is the DICOM status (PS3.4 F.7)."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-NO_SUCH_INSTANCE = 0x0112
-DUPLICATE_INSTANCE = 0x0111
-INVALID_VALUE = 0x0106
-MISSING_ATTRIBUTE = 0x0120
-#: "Performed Procedure Step object may no longer be updated" (PS3.4 F.7.2.2, error id A710).
-NO_LONGER_UPDATABLE = 0x0110
-
-# DICOM JSON tags used by the MPPS rules
-PPS_STATUS = "00400252"
-PERFORMED_SERIES = "00400340"
-REFERENCED_IMAGES = "00081140"
-REFERENCED_SOP_INSTANCE = "00081155"
-
-
-def _json_text(attributes: dict[str, Any], tag: str) -> str | None:
-    values = attributes.get(tag, {}).get("Value") or []
-    return str(values[0]) if values else None
-
-
-def _performed_instances(attributes: dict[str, Any]) -> list[str]:
-    found = []
-    for series in attributes.get(PERFORMED_SERIES, {}).get("Value") or []:
-        for image in series.get(REFERENCED_IMAGES, {}).get("Value") or []:
-            uid = _json_text(image, REFERENCED_SOP_INSTANCE)
-            if uid:
-                found.append(uid)
-    return found
-
-
-@frozen
-class MppsOutcome:
-    status: str
-    replay: bool  # an exact retransmission of what was already applied
-    accession_number: str | None
-
-
 class WorklistStore:
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._db: sqlite3.Connection | None = None
-        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
-        #: Async callers run write methods through it: ``await store.write(store.create, item)``
-        self.write = SerialWriter()
+    def __init__(self, paths: StatePaths) -> None:
+        from appliance.worklist import mpps  # the MPPS rules build on this module
+
+        self.database = Database(paths.worklist_db, SCHEMA + mpps.SCHEMA)
+        #: The MPPS rules, on this store's transactions.
+        self.mpps = mpps.Mpps(self)
 
     def open(self) -> None:
-        self._db = connect(self._path)
-        self._db.executescript(SCHEMA)
+        self.database.open()
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-        while not self._readers.empty():
-            self._readers.get_nowait().close()
+        self.database.close()
 
-    @property
-    def db(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise RuntimeError("WorklistStore is not open")
-        return self._db
+    async def write(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run one of this store's write methods in the database's writer thread."""
+        return await self.database.write(function, *args, **kwargs)
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return self.database.transaction()
 
-    @contextlib.contextmanager
-    def reader(self) -> Iterator[sqlite3.Connection]:
-        """A read connection for any thread (C-FIND runs in association threads)."""
-        try:
-            db = self._readers.get_nowait()
-        except queue.Empty:
-            db = connect(self._path)
-        try:
-            yield db
-        finally:
-            self._readers.put(db)
+    def reader(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A read-only connection for any thread (C-FIND runs in association threads)."""
+        return self.database.reader()
 
     # --- events -----------------------------------------------------------------------------------
 
-    def _event(
+    def record_event(
         self,
-        db: sqlite3.Connection,
         event_type: str,
         item: WorklistItem | None,
         payload: dict[str, Any],
         accession_number: str | None = None,
     ) -> None:
-        events.insert(
-            db,
+        """Inside a transaction: the event that reports its change."""
+        outbox.record(
+            self.database,
             event_type,
             payload | {"test": bool(item and item.is_test)},
             accession_number=item.accession_number if item else accession_number,
             source_message_id=item.source_message_id if item else None,
         )
 
-    def events(self) -> list[dict[str, Any]]:
+    def events(self, accession_number: str | None = None) -> list[dict[str, Any]]:
         with self.reader() as db:
-            return events.read_all(db)
-
-    def undelivered_events(self) -> tuple[int, str | None]:
-        with self.reader() as db:
-            return events.undelivered(db)
+            return outbox.events_of(db, accession_number)
 
     # --- items ------------------------------------------------------------------------------------
 
@@ -303,7 +224,7 @@ class WorklistStore:
             item = attrs.evolve(item, study_instance_uid=generate_uid(UID_ROOT))
         stamp = _iso(now_utc())
         item = attrs.evolve(item, status=SCHEDULED, created_at=stamp, updated_at=stamp)
-        with self._transaction() as db:
+        with self.transaction() as db:
             row = db.execute(
                 "SELECT * FROM worklist_items WHERE accession_number = ?",
                 (item.accession_number,),
@@ -330,19 +251,20 @@ class WorklistStore:
         """Operator/cloud status change (e.g. cancel). Finished items stay finished."""
         if status not in STATUSES:
             raise InvalidTransition(f"{status!r} is not one of {', '.join(STATUSES)}")
-        with self._transaction() as db:
-            item = self._item(db, accession_number)
+        with self.transaction() as db:
+            item = self.item_in(db, accession_number)
             if item.status == status:
                 return item
             if item.status in FINISHED:
                 raise InvalidTransition(
                     f"accession {accession_number} is {item.status}; it cannot become {status}"
                 )
-            item = self._update(db, item, status=status)
-            self._event(db, "worklist.status_changed", item, {"status": status})
+            item = self.update_in(db, item, status=status)
+            self.record_event("worklist.status_changed", item, {"status": status})
         return item
 
-    def _item(self, db: sqlite3.Connection, accession_number: str) -> WorklistItem:
+    def item_in(self, db: sqlite3.Connection, accession_number: str) -> WorklistItem:
+        """Inside a transaction: the item, or UnknownItem."""
         row = db.execute(
             "SELECT * FROM worklist_items WHERE accession_number = ?", (accession_number,)
         ).fetchone()
@@ -350,7 +272,8 @@ class WorklistStore:
             raise UnknownItem(f"no worklist item with accession {accession_number}")
         return WorklistItem.from_row(row)
 
-    def _update(self, db: sqlite3.Connection, item: WorklistItem, **changes: Any) -> WorklistItem:
+    def update_in(self, db: sqlite3.Connection, item: WorklistItem, **changes: Any) -> WorklistItem:
+        """Inside a transaction: change an item's workflow fields."""
         item = attrs.evolve(item, **changes, updated_at=_iso(now_utc()))
         assignments = ", ".join(f"{key} = :{key}" for key in [*changes, "updated_at"])
         db.execute(
@@ -397,15 +320,15 @@ class WorklistStore:
 
     def image_arrived(self, accession_number: str) -> bool:
         """The first image of a scheduled item moves it to IN PROGRESS (as the NHS gateway)."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             row = db.execute(
                 "SELECT * FROM worklist_items WHERE accession_number = ? AND status = ?",
                 (accession_number, SCHEDULED),
             ).fetchone()
             if row is None:
                 return False
-            item = self._update(db, WorklistItem.from_row(row), status=IN_PROGRESS)
-            self._event(db, "worklist.status_changed", item, {"status": IN_PROGRESS})
+            item = self.update_in(db, WorklistItem.from_row(row), status=IN_PROGRESS)
+            self.record_event("worklist.status_changed", item, {"status": IN_PROGRESS})
         return True
 
     def archive(self, before: datetime.datetime, stale_before: datetime.datetime) -> int:
@@ -416,7 +339,7 @@ class WorklistStore:
             "(scheduled_at < :before AND status IN ('COMPLETED', 'DISCONTINUED', 'CANCELLED'))"
             " OR scheduled_at < :stale"
         )
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO worklist_archive SELECT *, :now FROM worklist_items"
                 f" WHERE {condition}",
@@ -430,121 +353,20 @@ class WorklistStore:
             rows = db.execute("SELECT accession_number FROM worklist_archive ORDER BY 1")
             return [row[0] for row in rows.fetchall()]
 
-    # --- MPPS -------------------------------------------------------------------------------------
+    def remove_test_item(self, accession_number: str, drop_unsent_events: bool) -> bool:
+        """Forget a test item (never a real one), its archive copy and MPPS; with
+        `drop_unsent_events` its events too, which nothing would ever send."""
+        with self.transaction() as db:
+            removed = 0
+            for table in ("worklist_items", "worklist_archive"):
+                removed += db.execute(
+                    f"DELETE FROM {table} WHERE accession_number = ? AND is_test = 1",
+                    (accession_number,),
+                ).rowcount
+            if removed:
+                from appliance.worklist import mpps
 
-    def _linked_item(
-        self, db: sqlite3.Connection, accession_number: str | None, step_id: str | None
-    ) -> WorklistItem | None:
-        # Our Scheduled Procedure Step ID is the accession number (see worklist_scp.record).
-        for key in (accession_number, step_id):
-            if key:
-                row = db.execute(
-                    "SELECT * FROM worklist_items WHERE accession_number = ?", (key,)
-                ).fetchone()
-                if row is not None:
-                    return WorklistItem.from_row(row)
-        return None
-
-    def mpps_create(
-        self,
-        sop_instance_uid: str,
-        attributes: dict[str, Any],
-        accession_number: str | None,
-        step_id: str | None,
-    ) -> MppsOutcome:
-        status = _json_text(attributes, PPS_STATUS)
-        if status != IN_PROGRESS:
-            raise MppsError(INVALID_VALUE, f"N-CREATE status must be IN PROGRESS, not {status}")
-        stamp = _iso(now_utc())
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT * FROM mpps_instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
-            ).fetchone()
-            if row is not None:
-                if json.loads(row["attributes"]) == attributes:
-                    return MppsOutcome(row["status"], True, row["accession_number"])
-                raise MppsError(DUPLICATE_INSTANCE, "MPPS instance already exists")
-            item = self._linked_item(db, accession_number, step_id)
-            accession = item.accession_number if item else accession_number
-            db.execute(
-                "INSERT INTO mpps_instances VALUES (?, ?, ?, ?, ?, ?)",
-                (sop_instance_uid, accession, status, json.dumps(attributes), stamp, stamp),
-            )
-            if item is not None:
-                # Recorded whatever the item's state: a first image may have moved it already.
-                changes: dict[str, Any] = {"mpps_instance_uid": sop_instance_uid}
-                if item.status in OFFERED:
-                    changes["status"] = IN_PROGRESS
-                item = self._update(db, item, **changes)
-            self._event(
-                db,
-                "mpps.in_progress",
-                item,
-                {
-                    "mpps_instance_uid": sop_instance_uid,
-                    "status": IN_PROGRESS,
-                    "study_instance_uid": item.study_instance_uid if item else None,
-                },
-                accession_number=accession,
-            )
-        return MppsOutcome(status, False, accession)
-
-    def mpps_set(self, sop_instance_uid: str, modifications: dict[str, Any]) -> MppsOutcome:
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT * FROM mpps_instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
-            ).fetchone()
-            if row is None:
-                raise MppsError(NO_SUCH_INSTANCE, "No such MPPS instance")
-            current = json.loads(row["attributes"])
-            merged = {**current, **modifications}
-            if row["status"] in (COMPLETED, DISCONTINUED):
-                if merged == current:  # a retransmission after a lost reply
-                    return MppsOutcome(row["status"], True, row["accession_number"])
-                raise MppsError(NO_LONGER_UPDATABLE, f"MPPS is {row['status']}; no more changes")
-            status = _json_text(merged, PPS_STATUS)
-            if status not in (IN_PROGRESS, COMPLETED, DISCONTINUED):
-                raise MppsError(INVALID_VALUE, f"invalid Performed Procedure Step Status {status}")
-            db.execute(
-                "UPDATE mpps_instances SET status = ?, attributes = ?, updated_at = ?"
-                " WHERE sop_instance_uid = ?",
-                (status, json.dumps(merged), _iso(now_utc()), sop_instance_uid),
-            )
-            if status == IN_PROGRESS:
-                return MppsOutcome(status, merged == current, row["accession_number"])
-            item = self._linked_item(db, row["accession_number"], None)
-            if item is not None:
-                item = self._update(db, item, status=status, mpps_instance_uid=sop_instance_uid)
-            self._event(
-                db,
-                "mpps.completed" if status == COMPLETED else "mpps.discontinued",
-                item,
-                {
-                    "mpps_instance_uid": sop_instance_uid,
-                    "status": status,
-                    "study_instance_uid": item.study_instance_uid if item else None,
-                    "performed_instances": _performed_instances(merged),
-                },
-                accession_number=row["accession_number"],
-            )
-        return MppsOutcome(status, False, row["accession_number"])
-
-    def latest_mpps(self, accession_number: str) -> tuple[str, str, list[str]] | None:
-        """(status, MPPS UID, performed instances) of the newest MPPS for an accession."""
-        with self.reader() as db:
-            row = db.execute(
-                "SELECT * FROM mpps_instances WHERE accession_number = ?"
-                " ORDER BY updated_at DESC, created_at DESC LIMIT 1",
-                (accession_number,),
-            ).fetchone()
-        if row is None:
-            return None
-        attributes = json.loads(row["attributes"])
-        return row["status"], row["sop_instance_uid"], _performed_instances(attributes)
-
-    def mpps(self, sop_instance_uid: str) -> dict[str, Any] | None:
-        with self.reader() as db:
-            row = db.execute(
-                "SELECT * FROM mpps_instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
-            ).fetchone()
-        return dict(row) | {"attributes": json.loads(row["attributes"])} if row else None
+                mpps.forget_in(db, accession_number)
+                if drop_unsent_events:
+                    outbox.drop_undelivered(self.database, accession_number)
+        return bool(removed)

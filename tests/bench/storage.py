@@ -18,7 +18,7 @@ from pathlib import Path
 
 import attrs
 
-from appliance import synthetic
+from appliance.testing import synthetic
 from tests.support import ApplianceProcess, write_config
 
 

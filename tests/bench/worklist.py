@@ -25,6 +25,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
 from appliance.dicom.worklist_scp import record
+from appliance.state import StatePaths
 from appliance.worklist.store import WorklistItem, WorklistStore
 from tests.bench.storage import _wait_for_echo, free_port
 from tests.support import ApplianceProcess, write_config
@@ -60,18 +61,18 @@ def population(today: datetime.date) -> list[WorklistItem]:
 
 
 def write_database(path: Path, items: list[WorklistItem]) -> None:
-    store = WorklistStore(path)
+    store = WorklistStore(StatePaths(path.parent))
     store.open()
-    store.db.execute("PRAGMA synchronous=OFF")  # bulk load for the bench only
-    store.db.execute("BEGIN")
+    store.database.connection.execute("PRAGMA synchronous=OFF")  # bulk load for the bench only
+    store.database.connection.execute("BEGIN")
     for item in items:
         row = item.to_row()
-        store.db.execute(
+        store.database.connection.execute(
             f"INSERT INTO worklist_items ({', '.join(row)}) VALUES "
             f"({', '.join(':' + c for c in row)})",
             row,
         )
-    store.db.execute("COMMIT")
+    store.database.connection.execute("COMMIT")
     store.close()
 
 

@@ -19,8 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-from appliance import synthetic
-from appliance.storage.layout import StorageLayout
+from appliance.state import StatePaths
+from appliance.testing import synthetic
 from tests.chaos import Result
 from tests.support import ApplianceProcess, dataset_bytes, write_config
 
@@ -124,7 +124,7 @@ def run(work: Path, cycles: int, studies: int) -> Result:
         app.stop()
     index = _index(state)
     events = _received_events(state)
-    layout = StorageLayout(state)
+    layout = StatePaths(state)
     broken = []
     mismatched = missing = 0
     for path in acked:

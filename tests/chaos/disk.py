@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from appliance import synthetic
+from appliance.testing import synthetic
 from tests.chaos import Result
 from tests.support import ApplianceProcess, send_files, write_config
 

@@ -21,7 +21,8 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalMammographyXRayImageStorageForPresentation
 
-from appliance import synthetic
+from appliance.state import StatePaths
+from appliance.testing import synthetic
 from appliance.worklist.store import WorklistItem, WorklistStore
 from tests.chaos import Result
 from tests.support import ApplianceProcess, write_config
@@ -45,7 +46,7 @@ def percentile(values: list[float], p: float) -> float:
 
 def run(work: Path, seconds: float) -> Result:
     config = write_config(work, {"dicom": {"max_associations": 64}})
-    store = WorklistStore(work / "state" / "worklist.db")
+    store = WorklistStore(StatePaths(work / "state"))
     (work / "state").mkdir(parents=True, exist_ok=True)
     store.open()
     now = datetime.datetime.now(datetime.UTC)

@@ -27,9 +27,10 @@ from pynetdicom.sop_class import (
 )
 from trio_websocket import ConnectionClosed
 
-from appliance import synthetic
-from appliance.relay.cloud import send_action
-from appliance.relay.emulator import RelayEmulator
+from appliance.relay.endpoint import RelayEndpoint
+from appliance.testing import synthetic
+from appliance.testing.cloud import send_action
+from appliance.testing.relay_emulator import RelayEmulator
 from tests.chaos import Result
 from tests.support import ApplianceProcess, write_config
 
@@ -200,7 +201,8 @@ async def relays(emulator: RelayEmulator, cases: list[str]) -> Counter:
         try:
             with trio.fail_after(30):
                 reply = await send_action(
-                    emulator.endpoint, emulator.namespace, "actions", KEY_NAME, KEY, text
+                    RelayEndpoint(emulator.endpoint, emulator.namespace, "actions", KEY_NAME, KEY),
+                    text,
                 )
             status = json.loads(reply).get("status")
             outcomes["error reply" if status == "error" else f"reply {status}"] += 1

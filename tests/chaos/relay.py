@@ -13,10 +13,11 @@ from pathlib import Path
 
 import trio
 
-from appliance import synthetic
-from appliance.relay.cloud import acknowledge
-from appliance.relay.emulator import RelayEmulator
+from appliance.relay.endpoint import Liveness, RelayEndpoint
 from appliance.relay.listener import RelayListener
+from appliance.testing import synthetic
+from appliance.testing.cloud import acknowledge
+from appliance.testing.relay_emulator import RelayEmulator
 from tests.chaos import Result
 from tests.support import ApplianceProcess, send_files, write_config
 
@@ -49,10 +50,12 @@ class Relay:
 
 def consumer(endpoint: str, namespace: str, received: list[dict]) -> RelayListener:
     return RelayListener(
-        name="cloud-events", endpoint=endpoint, namespace=namespace, path="events",
-        key_name=KEY_NAME, key=KEY, conversation=acknowledge(received.append),
-        ping_interval=PING, ping_timeout=PING / 2, backoff=(0.0, 0.5, 1.0),
-    )  # fmt: skip
+        name="cloud-events",
+        endpoint=RelayEndpoint(endpoint, namespace, "events", KEY_NAME, KEY),
+        conversation=acknowledge(received.append),
+        liveness=Liveness(PING, PING / 2),
+        backoff=(0.0, 0.5, 1.0),
+    )
 
 
 def _free_port() -> int:

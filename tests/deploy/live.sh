@@ -161,7 +161,7 @@ step "a JPEG 2000 mammogram through the sandboxed pipeline (MemoryDenyWriteExecu
 import sys
 from pathlib import Path
 from pydicom import uid
-from appliance.synthetic import mammogram
+from appliance.testing.synthetic import mammogram
 from tests.support import encode
 work = Path(sys.argv[1])
 mammogram(shape=(512, 400)).save_as(work / "plain.dcm", enforce_file_format=True)

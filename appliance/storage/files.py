@@ -1,11 +1,5 @@
-"""Where things live under the state directory, and the durable file operations on them.
-
-state_dir/
-  pacs.db                     the index (SQLite, WAL)
-  spool/rx-*.dcm              C-STORE datasets being received; deleted at startup
-  storage/ab/cd/abcd....dcm   stored instances: SHA-256 of the SOP Instance UID, first 16 hex
-  conflicts/                  a second, different object under an already stored UID
-"""
+"""Durable file operations: directories made durable in their parents, fsync, hashing, and
+placing a file without ever replacing one (where the files live: appliance/state.py)."""
 
 from __future__ import annotations
 
@@ -13,42 +7,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from attrs import frozen
-
 CHUNK = 1024 * 1024
-
-
-@frozen
-class StorageLayout:
-    state_dir: Path
-
-    @property
-    def index_path(self) -> Path:
-        return self.state_dir / "pacs.db"
-
-    @property
-    def spool(self) -> Path:
-        return self.state_dir / "spool"
-
-    @property
-    def storage(self) -> Path:
-        return self.state_dir / "storage"
-
-    @property
-    def conflicts(self) -> Path:
-        return self.state_dir / "conflicts"
-
-    def create(self) -> None:
-        for directory in (self.spool, self.storage, self.conflicts):
-            ensure_directory(directory)
-
-    def relative_path(self, sop_instance_uid: str) -> str:
-        """`ab/cd/abcdef0123456789.dcm`: spreads files evenly, never uses peer text as a path."""
-        digest = hashlib.sha256(sop_instance_uid.encode("ascii")).hexdigest()
-        return f"{digest[:2]}/{digest[2:4]}/{digest[:16]}.dcm"
-
-    def absolute(self, relative_path: str) -> Path:
-        return self.storage / relative_path
 
 
 def fsync_directory(directory: Path) -> None:

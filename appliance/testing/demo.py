@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from appliance.modality import ModalitySimulator, SimulationError
+from appliance.testing.modality import ModalitySimulator, SimulationError
 
 EXPECTED = [
     "mpps.in_progress",
@@ -73,6 +73,7 @@ ping_interval_s = 5
 ping_timeout_s = 2
 """)
     appliance = [sys.executable, "-m", "appliance", "--config", str(config)]
+    dev = [sys.executable, "-m", "appliance.testing.dev", "--config", str(config)]
     logs = (work / "emulator.log").open("w"), (work / "appliance.log").open("w")
     processes: list[subprocess.Popen] = []
     received: list[dict] = []
@@ -81,8 +82,7 @@ ping_timeout_s = 2
         processes.append(
             subprocess.Popen(
                 [
-                    *appliance,
-                    "dev",
+                    *dev,
                     "relay-emulator",
                     "--port",
                     str(relay_port),
@@ -100,7 +100,7 @@ ping_timeout_s = 2
         _wait_for_port(worklist_port)
         step("cloud: listening for the appliance's events")
         consumer = subprocess.Popen(
-            [*appliance, "dev", "cloud", "events"],
+            [*dev, "cloud", "events"],
             stdout=subprocess.PIPE,
             stderr=logs[0],
             text=True,
@@ -141,7 +141,7 @@ ping_timeout_s = 2
         }
         step("cloud -> appliance: worklist.create_item DEMO0001")
         reply = subprocess.run(
-            [*appliance, "dev", "cloud", "send", "-"],
+            [*dev, "cloud", "send", "-"],
             input=json.dumps(action),
             capture_output=True,
             text=True,

@@ -23,7 +23,7 @@ from pynetdicom.sop_class import (
     ModalityWorklistInformationFind,
 )
 
-from appliance import synthetic
+from appliance.testing import synthetic
 
 
 class SimulationError(Exception):
@@ -70,7 +70,7 @@ class ModalitySimulator:
             [ModalityWorklistInformationFind],
             self.worklist_port,
             self.worklist_ae,
-            "worklist query",
+            "worklist-query",
         )
         try:
             answers = [
@@ -81,21 +81,37 @@ class ModalitySimulator:
         finally:
             assoc.release()
         if len(answers) != 1:
-            raise SimulationError("worklist query", f"{len(answers)} items for {accession}")
+            raise SimulationError("worklist-query", f"{len(answers)} items for {accession}")
         return answers[0]
 
-    def run(self, accession: str, progress: Callable[[str], None] = lambda line: None) -> list[str]:
+    def run(
+        self,
+        accession: str,
+        progress: Callable[[str], None] = lambda line: None,
+        phases: list[tuple[str, float]] | None = None,
+    ) -> list[str]:
+        """Perform the item; `phases` gets each finished step's name and seconds."""
         started = time.monotonic()
+        mark = started
+
+        def done(phase: str, line: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            if phases is not None:
+                phases.append((phase, round(now - mark, 3)))
+            mark = now
+            progress(line)
+
         item = self.query(accession)
-        progress(f"worklist query: found {accession}")
+        done("worklist-query", f"worklist query: found {accession}")
         mpps_uid = self.new_mpps_uid()
         with self.mpps_association() as assoc:
             self.mpps_start(assoc, item, mpps_uid)
-            progress("mpps: IN PROGRESS")
+            done("mpps-start", "mpps: IN PROGRESS")
             stored = self.store(item)
-            progress(f"store: {len(stored)} views stored")
+            done("store", f"store: {len(stored)} views stored")
             self.mpps_complete(assoc, mpps_uid, stored)
-            progress(f"mpps: COMPLETED ({time.monotonic() - started:.1f} s)")
+            done("mpps-complete", f"mpps: COMPLETED ({time.monotonic() - started:.1f} s)")
         return stored
 
     @staticmethod
@@ -105,7 +121,7 @@ class ModalitySimulator:
     @contextlib.contextmanager
     def mpps_association(self) -> Iterator[Any]:
         assoc = self._associate(
-            [ModalityPerformedProcedureStep], self.worklist_port, self.worklist_ae, "mpps start"
+            [ModalityPerformedProcedureStep], self.worklist_port, self.worklist_ae, "mpps-start"
         )
         try:
             yield assoc
@@ -131,7 +147,7 @@ class ModalitySimulator:
         ds.PerformedSeriesSequence = []
         status, _ = assoc.send_n_create(ds, ModalityPerformedProcedureStep, mpps_uid)
         if not status or status.Status != 0x0000:
-            raise SimulationError("mpps start", f"N-CREATE status {status.get('Status')}")
+            raise SimulationError("mpps-start", f"N-CREATE status {status.get('Status')}")
 
     def store(self, item: Dataset) -> list[str]:
         assoc = self._associate(
@@ -181,4 +197,4 @@ class ModalitySimulator:
         ds.PerformedSeriesSequence = [series]
         status, _ = assoc.send_n_set(ds, ModalityPerformedProcedureStep, mpps_uid)
         if not status or status.Status != 0x0000:
-            raise SimulationError("mpps complete", f"N-SET status {status.get('Status')}")
+            raise SimulationError("mpps-complete", f"N-SET status {status.get('Status')}")

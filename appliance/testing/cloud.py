@@ -10,33 +10,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-import urllib.parse
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocketConnection
 
-from appliance.relay.sas import make_token, resource_uri
+from appliance.relay.endpoint import RelayEndpoint
 from appliance.relay.websocket import open_websocket
 
 
-def _connect(
-    endpoint: str, namespace: str, path: str, key_name: str, key: bytes
-) -> AbstractAsyncContextManager[WebSocketConnection]:
+def _connect(endpoint: RelayEndpoint) -> AbstractAsyncContextManager[WebSocketConnection]:
     """The sender role on a hybrid connection, with a fresh five-minute token."""
-    token = make_token(resource_uri(namespace, path), key_name, key, int(time.time() + 300))
-    query = urllib.parse.urlencode({"sb-hc-action": "connect", "sb-hc-token": token})
-    return open_websocket(f"{endpoint.rstrip('/')}/$hc/{path}?{query}", max_message_size=16 << 20)
+    url, _expiry = attrs.evolve(endpoint, token_lifetime=300).address("connect")
+    return open_websocket(url, max_message_size=16 << 20)
 
 
-async def send_action(
-    endpoint: str, namespace: str, path: str, key_name: str, key: bytes, text: str
-) -> str:
-    async with _connect(endpoint, namespace, path, key_name, key) as ws:
+async def send_action(endpoint: RelayEndpoint, text: str) -> str:
+    async with _connect(endpoint) as ws:
         await ws.send_message(text)
         reply = await ws.get_message()
     return reply if isinstance(reply, str) else reply.decode()
@@ -64,11 +58,7 @@ class FetchFailed(Exception):
 
 
 async def fetch(
-    endpoint: str,
-    namespace: str,
-    path: str,
-    key_name: str,
-    key: bytes,
+    endpoint: RelayEndpoint,
     target: dict[str, str],
     directory: Path,
     *,
@@ -88,7 +78,7 @@ async def fetch(
             parameters["resume_from"] = {"sop_instance_uid": resume[0], "offset": resume[1]}
         part = None
         try:
-            async with _connect(endpoint, namespace, path, key_name, key) as ws:
+            async with _connect(endpoint) as ws:
                 await ws.send_message(
                     json.dumps(
                         {

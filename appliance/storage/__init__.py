@@ -1,0 +1,1 @@
+"""Received instances: spool files, durable placement, the index, recovery and retention."""
