@@ -72,7 +72,7 @@ echo "container leader pid $leader, system $state"
 
 step "relay emulator inside the container's network"
 printf 'live-test-relay-key' >"$work/relay.key"
-in_net "$venv/appliance" dev relay-emulator --host 127.0.0.1 --port 9400 \
+in_net "$venv/appliance-dev" relay-emulator --host 127.0.0.1 --port 9400 \
     --key-file "$work/relay.key" >"$work/emulator.log" 2>&1 &
 emulator=$!
 
@@ -205,7 +205,7 @@ namespace = "127.0.0.1:9400"
 endpoint = "ws://127.0.0.1:9400"
 key_file = "$work/relay.key"
 TOML
-in_net "$venv/appliance" --config "$work/cloud.toml" dev cloud events >"$work/cloud-events.log" 2>&1 &
+in_net "$venv/appliance-dev" --config "$work/cloud.toml" cloud events >"$work/cloud-events.log" 2>&1 &
 consumer=$!
 if inside /opt/screening-gateway/bin/appliance selftest --timeout 30 \
     --config /etc/screening-gateway/appliance.toml >"$work/selftest.log" 2>&1; then
