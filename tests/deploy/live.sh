@@ -45,8 +45,11 @@ step "building the release wheelhouse (just build)"
 just build >/dev/null
 
 cleanup() {
-    [ -n "${emulator:-}" ] && kill "$emulator" 2>/dev/null || true
-    [ -n "${consumer:-}" ] && kill "$consumer" 2>/dev/null || true
+    # $! of a backgrounded function is its subshell: stop the program it started too.
+    for pid in ${emulator:-} ${consumer:-}; do
+        pkill -TERM -P "$pid" 2>/dev/null || true
+        kill "$pid" 2>/dev/null || true
+    done
     if [ -n "${nspawn:-}" ] && kill -0 "$nspawn" 2>/dev/null; then
         kill -TERM "$nspawn" 2>/dev/null || true  # nspawn shuts the container down cleanly
         for _ in $(seq 50); do kill -0 "$nspawn" 2>/dev/null || break; sleep 0.2; done
