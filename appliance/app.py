@@ -9,11 +9,12 @@ from __future__ import annotations
 import signal
 import socket
 from collections.abc import Callable
+from pathlib import Path
 
 import attrs
 import trio
 from pynetdicom import DEFAULT_TRANSFER_SYNTAXES, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 
 from appliance import __version__
 from appliance.config import Config, read_secret
@@ -22,7 +23,7 @@ from appliance.dicom import _pynetdicom
 from appliance.dicom.commitment_scp import COMMITMENT_CONTEXTS, StorageCommitmentSCP
 from appliance.dicom.door import TrioDoor
 from appliance.dicom.qr_scp import QR_CONTEXTS, QueryRetrieveSCP
-from appliance.dicom.server import DicomServer, Handler
+from appliance.dicom.server import Contexts, DicomServer, Handler
 from appliance.dicom.statuses import SUCCESS
 from appliance.dicom.storage_scp import STORAGE_CONTEXTS, StorageSCP
 from appliance.dicom.worklist_scp import WORKLIST_CONTEXTS, WorklistSCP
@@ -103,7 +104,9 @@ class Appliance:
         self.supervisor: Supervisor | None = None
         self.status = StatusReporter(
             self.paths,
-            config.metrics.textfile or self.paths.default_metrics_file,
+            Path(config.metrics.textfile)
+            if config.metrics.textfile
+            else self.paths.default_metrics_file,
             self.floor_bytes,
             store=self.store,
             outbox=self.outbox,
@@ -120,7 +123,7 @@ class Appliance:
         name: str,
         ae_title: str,
         port: int,
-        contexts: list[tuple[str, list[str]]],
+        contexts: Contexts,
         handlers: list[Handler],
     ) -> DicomServer:
         return DicomServer(

@@ -11,6 +11,7 @@ import os
 import re
 import tomllib
 import zoneinfo
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -38,7 +39,7 @@ class ConfigError(Exception):
 class FieldError(ValueError):
     """A validator's complaint about one key (attrs validators run after cattrs has moved on)."""
 
-    def __init__(self, attribute: attrs.Attribute, message: str) -> None:
+    def __init__(self, attribute: attrs.Attribute[Any], message: str) -> None:
         super().__init__(message)
         self.field = attribute.name
 
@@ -46,30 +47,30 @@ class FieldError(ValueError):
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
 
 
-def _ae_title(_inst: object, attribute: attrs.Attribute, value: str) -> None:
+def _ae_title(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     if not _AE_TITLE.match(value) or not value.strip():
         raise FieldError(
             attribute, f'"{value}" is not an AE title (1-16 printable ASCII characters, no "\\")'
         )
 
 
-def _port(_inst: object, attribute: attrs.Attribute, value: int) -> None:
+def _port(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
     # 0 asks the OS for a free port: tests and the demo use it, the bound port is reported.
     if not 0 <= value <= 65535:
         raise FieldError(attribute, f"{value} is not a TCP port (0-65535)")
 
 
-def _positive(_inst: object, attribute: attrs.Attribute, value: float) -> None:
+def _positive(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value <= 0:
         raise FieldError(attribute, f"{value} must be greater than 0")
 
 
-def _non_negative(_inst: object, attribute: attrs.Attribute, value: float) -> None:
+def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value < 0:
         raise FieldError(attribute, f"{value} must be 0 or more")
 
 
-def _ip_address(_inst: object, attribute: attrs.Attribute, value: str) -> None:
+def _ip_address(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     try:
         ipaddress.ip_address(value)
     except ValueError:
@@ -105,14 +106,14 @@ class StorageScpConfig:
     min_free_mb: int = field(default=2048, validator=_non_negative)
 
 
-def _character_set(_inst: object, attribute: attrs.Attribute, value: str) -> None:
+def _character_set(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     from appliance.dicom.charsets import codecs_for  # the DICOM terms pydicom can encode
 
     if not codecs_for(value):
         raise FieldError(attribute, f"{value!r} is not a DICOM Specific Character Set we support")
 
 
-def _character_sets(_inst: object, attribute: attrs.Attribute, value: dict[str, str]) -> None:
+def _character_sets(_inst: object, attribute: attrs.Attribute[Any], value: dict[str, str]) -> None:
     for ae_title, term in value.items():
         if not _AE_TITLE.match(ae_title):
             raise FieldError(attribute, f'"{ae_title}" is not an AE title')
@@ -129,14 +130,14 @@ class WorklistScpConfig:
     character_sets: dict[str, str] = field(factory=dict, validator=_character_sets)
 
 
-def _time_zone(_inst: object, attribute: attrs.Attribute, value: str) -> None:
+def _time_zone(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     try:
         zoneinfo.ZoneInfo(value)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         raise FieldError(attribute, f"{value!r} is not a time zone (e.g. Europe/London)") from None
 
 
-def _local_time(_inst: object, attribute: attrs.Attribute, value: str) -> None:
+def _local_time(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
         raise FieldError(attribute, f"{value!r} is not a time of day (HH:MM)")
 
@@ -180,7 +181,7 @@ class PipelineConfig:
     retry_after_s: float = field(default=30.0, validator=_positive)
 
 
-def _views(_inst: object, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+def _views(_inst: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
     for view in value:
         if not re.fullmatch(r"[RLB][A-Z]{2,4}", view):
             raise FieldError(attribute, f"{view!r} is not a view like RCC or LMLO")
@@ -200,7 +201,7 @@ class StudiesConfig:
     check_interval_s: float = field(default=2.0, validator=_positive)
 
 
-def _at_least_one(_inst: object, attribute: attrs.Attribute, value: float) -> None:
+def _at_least_one(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value < 1:
         raise FieldError(attribute, f"{value} must be at least 1 (day)")
 
@@ -298,7 +299,7 @@ class Config:
 # --- structuring ---------------------------------------------------------------------------------
 
 
-def _strict(kind: type, accepts: tuple[type, ...], name: str):
+def _strict(kind: type, accepts: tuple[type, ...], name: str) -> Callable[[Any, type], Any]:
     def structure(value: Any, _type: type) -> Any:
         # bool is an int in Python; a config value of `true` for a port is still a mistake.
         if (isinstance(value, bool) and kind is not bool) or not isinstance(value, accepts):
@@ -317,7 +318,10 @@ def strict_converter(forbid_extra_keys: bool) -> cattrs.Converter:
     converter.register_structure_hook(bool, _strict(bool, (bool,), "true or false"))
     converter.register_structure_hook(Path, _strict(Path, (str,), "a path"))
     converter.register_unstructure_hook(Path, str)
-    converter.register_structure_hook_func(lambda t: get_origin(t) is Literal, _structure_choice)
+    converter.register_structure_hook_func(
+        lambda t: bool(get_origin(t) is Literal),  # type: ignore[comparison-overlap]
+        _structure_choice,
+    )
     return converter
 
 
@@ -414,8 +418,9 @@ def read_secret(reference: str, key: str, environ: dict[str, str] | None = None)
     if not reference:
         raise ConfigError([f"config: {key}: required when the relay is enabled"])
     credentials = environ.get("CREDENTIALS_DIRECTORY")
-    named_credential = credentials and "/" not in reference
-    path = Path(credentials) / reference if named_credential else Path(reference)
+    path = (
+        Path(credentials) / reference if credentials and "/" not in reference else Path(reference)
+    )
     try:
         secret = path.read_bytes().strip()
     except OSError as exc:
@@ -427,7 +432,7 @@ def read_secret(reference: str, key: str, environ: dict[str, str] | None = None)
 
 def effective(config: Config, environ: dict[str, str] | None = None) -> dict[str, Any]:
     """The config as it will be used, with secrets replaced by a note of where they come from."""
-    tree = converter.unstructure(config)
+    tree: dict[str, Any] = converter.unstructure(config)
     if config.relay.enabled:
         secret = read_secret(config.relay.key_file, "relay.key_file", environ)
         tree["relay"]["key"] = f"<redacted: {len(secret)} bytes>"

@@ -12,7 +12,9 @@ import datetime
 import os
 import threading
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 PREFIX = "screening_gateway_"
 
@@ -57,8 +59,11 @@ class Metrics:
         lines = []
         for name, help_text in COUNTERS.items():
             lines += [f"# HELP {PREFIX}{name} {help_text}", f"# TYPE {PREFIX}{name} counter"]
-            samples = [(dict(labels), v) for (n, labels), v in counters.items() if n == name]
-            for labels, value in sorted(samples, key=lambda s: sorted(s[0].items())) or [({}, 0)]:
+            counted: list[tuple[Mapping[str, object], float]] = [
+                (dict(labels), v) for (n, labels), v in counters.items() if n == name
+            ]
+            ordered = sorted(counted, key=lambda s: sorted(s[0].items()))
+            for labels, value in ordered or [({}, 0)]:
                 lines.append(_sample(name, labels, value))
         for name, (help_text, samples) in gauges.items():
             lines += [f"# HELP {PREFIX}{name} {help_text}", f"# TYPE {PREFIX}{name} gauge"]
@@ -70,13 +75,13 @@ def _escape(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _sample(name: str, labels: dict[str, object], value: float) -> str:
+def _sample(name: str, labels: Mapping[str, object], value: float) -> str:
     text = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
     number = int(value) if float(value).is_integer() else value
     return f"{PREFIX}{name}{{{text}}} {number}" if text else f"{PREFIX}{name} {number}"
 
 
-def gauges(status: dict) -> dict[str, tuple[str, list[tuple[dict[str, object], float]]]]:
+def gauges(status: dict[str, Any]) -> dict[str, tuple[str, list[tuple[dict[str, object], float]]]]:
     """Gauges from what `appliance status` reads (appliance.status.read)."""
     outbox, disk = status["outbox"], status["disk"]
     oldest = outbox["oldest_undelivered"]

@@ -46,7 +46,8 @@ class RestartPolicy:
 
     def backoff(self, recent_failures: int) -> float:
         """Delay before the next start, doubling with each failure still inside the window."""
-        return min(self.initial_backoff * 2 ** max(recent_failures - 1, 0), self.max_backoff)
+        doubled: float = self.initial_backoff * 2 ** max(recent_failures - 1, 0)
+        return min(doubled, self.max_backoff)
 
 
 class RestartBudgetExceeded(Exception):

@@ -7,12 +7,14 @@ import argparse
 import importlib.metadata
 import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
 from appliance import config as config_module
 from appliance import errors, log
-from appliance.cli.offline import REFUSED, Refused, config_path, load
+from appliance.cli.offline import CommandTree, config_path, load, run
 from appliance.cli.records import (
     cmd_outbox_list,
     cmd_outbox_purge,
@@ -22,7 +24,6 @@ from appliance.cli.records import (
     cmd_worklist_list,
 )
 from appliance.cli.storage import cmd_fsck, cmd_retention
-from appliance.config import ConfigError
 from appliance.state import StatePaths
 
 #: Where the test participant's simulated unit comes from: a package entry point, so the
@@ -30,9 +31,10 @@ from appliance.state import StatePaths
 TEST_UNIT_ENTRY_POINTS = "screening_gateway.test_unit"
 
 
-def _test_unit():
+def _test_unit() -> Callable[..., Any] | None:
     for entry in importlib.metadata.entry_points(group=TEST_UNIT_ENTRY_POINTS):
-        return entry.load()
+        unit: Callable[..., Any] = entry.load()
+        return unit
     return None
 
 
@@ -50,8 +52,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         trio.run(serve, config, notifier, _test_unit())
     except* RestartBudgetExceeded as group:
         for exc in errors.leaves(group):
+            service = exc.service if isinstance(exc, RestartBudgetExceeded) else None
             log.get_logger("appliance").error(
-                "appliance.failed", phase="supervision", service_name=exc.service, error=str(exc)
+                "appliance.failed", phase="supervision", service_name=service, error=str(exc)
             )
         status = 1
     except* Exception as group:
@@ -99,22 +102,9 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
-def _parser() -> argparse.ArgumentParser:
-    # `--config` may come before or after the sub-command: operators type both.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--config",
-        default=argparse.SUPPRESS,
-        help=f"TOML config file (default {config_module.DEFAULT_PATH})",
-    )
-    parser = argparse.ArgumentParser(prog="appliance", description=__doc__, parents=[common])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(parent, name: str, help: str, func=None) -> argparse.ArgumentParser:
-        sub = parent.add_parser(name, help=help, parents=[common])
-        if func is not None:
-            sub.set_defaults(func=func)
-        return sub
+def _parser() -> CommandTree:
+    tree = CommandTree("appliance", __doc__, "COMMAND")
+    commands, command = tree.commands, tree.command
 
     command(commands, "run", "run the appliance until SIGTERM", cmd_run)
     config_cmd = command(commands, "config", "configuration tools")
@@ -166,17 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     fsck.add_argument(
         "--verify-hashes", action="store_true", help="re-read every file and check its SHA-256"
     )
-    return parser
+    return tree
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
-        return 2
-    except Refused as exc:
-        print(exc, file=sys.stderr)
-        return REFUSED
+    return run(_parser(), argv)

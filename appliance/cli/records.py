@@ -12,6 +12,8 @@ import datetime
 import json
 import sys
 import zoneinfo
+from collections.abc import Callable
+from typing import Any
 
 from appliance import config as config_module
 from appliance import control
@@ -34,7 +36,7 @@ def _scheduled(text: str, zone_name: str) -> datetime.datetime:
     return moment.astimezone(datetime.UTC)
 
 
-def _through_appliance(paths: StatePaths, action: dict) -> dict:
+def _through_appliance(paths: StatePaths, action: dict[str, Any]) -> dict[str, Any]:
     reply = control.request(paths.control_socket, action, timeout=30)
     if reply.get("status") == "error":
         raise WorklistError(reply.get("message", "refused"))
@@ -166,7 +168,7 @@ def cmd_outbox_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _change_outbox(args: argparse.Namespace, command: str, change) -> int:
+def _change_outbox(args: argparse.Namespace, command: str, change: Callable[[Outbox], int]) -> int:
     paths = StatePaths(load(args).state_dir)
     outbox, worklist, store = _outbox(paths)
     with offline(paths, command):

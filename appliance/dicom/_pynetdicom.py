@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom import Dataset
@@ -45,7 +46,7 @@ def configure(spool_dir: Path) -> None:
     def spool_file(*, delete: bool, mode: str, suffix: str) -> SpoolFile:
         return SpoolFile(spool_dir, SPOOL_PREFIX, suffix)
 
-    dimse_messages.NamedTemporaryFile = spool_file  # type: ignore[attr-defined]
+    dimse_messages.NamedTemporaryFile = spool_file  # type: ignore[attr-defined,assignment]
     if not getattr(Association.send_c_store, "sends_stored_files", False):
         Association.send_c_store = _send_c_store  # type: ignore[method-assign]
     if not getattr(AssociationSocket._create_socket, "no_delay", False):
@@ -55,7 +56,7 @@ def configure(spool_dir: Path) -> None:
 _create_socket_original = AssociationSocket._create_socket
 
 
-def _create_socket(self: AssociationSocket, address: object) -> socket.socket:
+def _create_socket(self: AssociationSocket, address: Any) -> socket.socket:
     """Outgoing associations (C-MOVE sub-operations, commitment reports) without Nagle, as the
     servers' accepted sockets: each DIMSE message ends in a small write that would otherwise
     wait for the peer's delayed ACK."""
@@ -70,7 +71,7 @@ _create_socket.no_delay = True  # type: ignore[attr-defined]
 _send_c_store_original = Association.send_c_store
 
 
-def _send_c_store(self: Association, dataset: object, *args: object, **kwargs: object) -> object:
+def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Any:
     if isinstance(dataset, StoredFile):
         dataset = dataset.for_association(self)
     return _send_c_store_original(self, dataset, *args, **kwargs)
@@ -98,6 +99,8 @@ class StoredFile(Dataset):
         object.__setattr__(self, "_stored", (path, transfer_syntax_uid))
 
     def for_association(self, assoc: Association) -> Path | Dataset:
+        path: Path
+        transfer_syntax: str
         path, transfer_syntax = object.__getattribute__(self, "_stored")
         try:
             assoc._get_valid_context(self.SOPClassUID, transfer_syntax, "scu")
@@ -125,7 +128,7 @@ class StoredFile(Dataset):
 
 def received_spool_file(event: evt.Event) -> SpoolFile:
     """The SpoolFile holding an EVT_C_STORE's dataset."""
-    spool_file = event.request._dataset_file
+    spool_file: object = event.request._dataset_file
     if not isinstance(spool_file, SpoolFile):
         raise RuntimeError("C-STORE dataset was not received into a SpoolFile")
     return spool_file
@@ -144,6 +147,8 @@ class PendingFindWriter:
 
     def __init__(self, event: evt.Event) -> None:
         assoc = event.assoc
+        if assoc.dul.socket is None:
+            raise RuntimeError("the association has no socket")
         self._socket = assoc.dul.socket
         self._context_id = event.context.context_id
         # The peer's largest PDU; 0 means no limit. Counted after the 6-byte PDU header.
@@ -155,6 +160,8 @@ class PendingFindWriter:
         command.CommandDataSetType = 0x0001  # an identifier follows
         command.Status = PENDING
         body = encode(command, True, True)  # command sets are always implicit VR LE
+        if body is None:
+            raise RuntimeError("cannot encode the C-FIND response command")
         group_length = b"\x00\x00\x00\x00\x04\x00\x00\x00" + len(body).to_bytes(4, "little")
         self._command_pdv = self._pdv(group_length + body, 0x03)  # command, last fragment
 

@@ -70,10 +70,11 @@ def _fit_into(source: Dataset, target: Dataset, codecs: list[str]) -> None:
             target.add_new(element.tag, "SQ", items)
         elif element.VR in TEXT_VRS and element.value:
             value = element.value
-            if isinstance(value, MultiValue):
-                fitted = [fit(str(v), codecs) for v in value]
-            else:
-                fitted = fit(str(value), codecs)
+            fitted: list[str] | str = (
+                [fit(str(v), codecs) for v in value]
+                if isinstance(value, MultiValue)
+                else fit(str(value), codecs)
+            )
             target.add(DataElement(element.tag, element.VR, fitted))
         else:
             target.add(element)

@@ -15,6 +15,8 @@ overtake the response or lose its answer. Units are configured with a commitment
 
 from __future__ import annotations
 
+from typing import cast
+
 import attrs
 import trio
 from pydicom import Dataset
@@ -24,7 +26,7 @@ from pynetdicom.dimse_primitives import N_ACTION
 
 from appliance.config import DestinationConfig
 from appliance.dicom.door import ApplianceStopping, TrioDoor
-from appliance.dicom.server import Handler
+from appliance.dicom.server import Contexts, Handler
 from appliance.dicom.statuses import (
     CLASS_INSTANCE_CONFLICT,
     INVALID_ARGUMENT_VALUE,
@@ -42,7 +44,9 @@ log = get_logger("commitment-scp")
 
 STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
 WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"
-COMMITMENT_CONTEXTS = [(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+COMMITMENT_CONTEXTS: Contexts = [
+    (STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+]
 
 #: Requests waiting for their report; a modality asking faster than reports go out waits.
 QUEUED_REQUESTS = 16
@@ -93,7 +97,7 @@ class StorageCommitmentSCP:
         return [(evt.EVT_N_ACTION, self.handle_action)]
 
     def handle_action(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
-        request: N_ACTION = event.request
+        request = cast(N_ACTION, event.request)
         calling_ae = event.assoc.requestor.ae_title
         if request.RequestedSOPClassUID != STORAGE_COMMITMENT or request.ActionTypeID != 1:
             return status(NO_SUCH_ACTION, "Only Request Storage Commitment (1)"), None
@@ -124,9 +128,9 @@ class StorageCommitmentSCP:
             transaction_uid=transaction,
             instances=len(references),
         )
-        request = CommitmentRequest(destination, calling_ae, transaction, references)
+        queued = CommitmentRequest(destination, calling_ae, transaction, references)
         try:
-            self._door.run(self._requests.send, request)
+            self._door.run(self._requests.send, queued)
         except ApplianceStopping:
             return status(PROCESSING_FAILURE, "Gateway is restarting; ask again"), None
         return SUCCESS, None

@@ -15,11 +15,12 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Iterator
+from typing import cast
 
 from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 
 WILDCARD_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"}
 #: Keys that steer the query rather than match: never matched, never projected from the record.
@@ -126,7 +127,7 @@ def _record_datetime(date_text: str, time_text: str) -> datetime.datetime | None
     return datetime.datetime.combine(date, moment)
 
 
-def _match_date_time(query: Dataset, record: Dataset, date_tag: Tag) -> bool:
+def _match_date_time(query: Dataset, record: Dataset, date_tag: BaseTag) -> bool:
     time_tag = DATE_TIME_PAIRS[date_tag]
     date_text = _text(query[date_tag].value) if date_tag in query else ""
     time_text = _text(query[time_tag].value) if time_tag in query else ""
@@ -139,11 +140,11 @@ def _match_date_time(query: Dataset, record: Dataset, date_tag: Tag) -> bool:
         low, high = time_bounds(time_text, keyword)
         if not record_time:
             return False
-        moment = _parse_time(record_time, "record time", upper=False)
-        return (low is None or moment >= low) and (high is None or moment <= high)
+        at = _parse_time(record_time, "record time", upper=False)
+        return (low is None or at >= low) and (high is None or at <= high)
     lower, upper = datetime_bounds(date_text, time_text, keyword)
     moment = _record_datetime(record_date, record_time)
-    return moment is not None and lower <= moment <= upper
+    return moment is not None and bool(lower <= moment <= upper)
 
 
 # --- strings --------------------------------------------------------------------------------------
@@ -226,17 +227,18 @@ def _match_temporal(element: DataElement, record_element: DataElement) -> bool:
         return False
     if element.VR == "DA":
         low, high = date_bounds(text, element.keyword)
-        moment = _parse_date(have, "record date")
-    elif element.VR == "TM":
-        low, high = time_bounds(text, element.keyword)
+        day = _parse_date(have, "record date")
+        return (low is None or day >= low) and (high is None or day <= high)
+    if element.VR == "TM":
+        earliest, latest = time_bounds(text, element.keyword)
         moment = _parse_time(have, "record time", upper=False)
-    else:  # DT: YYYYMMDDHHMMSS; compare as strings padded to the same precision
-        low_text, high_text, _ = _range(text)
-        have = have[:14]
-        return (not low_text or have >= low_text.ljust(14, "0")[:14]) and (
-            not high_text or have <= high_text.ljust(14, "9")[:14]
-        )
-    return (low is None or moment >= low) and (high is None or moment <= high)
+        return (earliest is None or moment >= earliest) and (latest is None or moment <= latest)
+    # DT: YYYYMMDDHHMMSS; compare as strings padded to the same precision
+    low_text, high_text, _ = _range(text)
+    have = have[:14]
+    return (not low_text or have >= low_text.ljust(14, "0")[:14]) and (
+        not high_text or have <= high_text.ljust(14, "9")[:14]
+    )
 
 
 def _match_sequence(element: DataElement, record_element: DataElement | None) -> bool:
@@ -252,7 +254,7 @@ def project(query: Dataset, record: Dataset) -> Dataset:
     answer = Dataset()
     for element in keys(query):
         tag = element.tag
-        have = record.get(tag)
+        have = cast(DataElement | None, record.get(tag))  # None when the record lacks it
         if element.VR == "SQ":
             items = have.value if have is not None else []
             template = element.value[0] if len(element.value) else None

@@ -20,7 +20,7 @@ import pydicom
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made at import time
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -32,7 +32,7 @@ from pynetdicom.sop_class import (
 from appliance.config import DestinationConfig
 from appliance.dicom import matching
 from appliance.dicom._pynetdicom import StoredFile
-from appliance.dicom.server import Handler
+from appliance.dicom.server import Contexts, Handler
 from appliance.dicom.statuses import (
     CANCELLED,
     IDENTIFIER_MISMATCH,
@@ -62,7 +62,7 @@ QR_SOP_CLASSES = [
     StudyRootQueryRetrieveInformationModelMove,
 ]
 
-QR_CONTEXTS = [
+QR_CONTEXTS: Contexts = [
     (sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]) for sop_class in QR_SOP_CLASSES
 ]
 
@@ -230,6 +230,11 @@ def entity_record(level: str, rows: list[sqlite3.Row], header: Dataset) -> Datas
     return record
 
 
+def _sop_class(event: evt.Event) -> str:
+    """The request's Affected SOP Class UID (which information model it queries)."""
+    return str(getattr(event.request, "AffectedSOPClassUID", "") or "")
+
+
 class QueryRetrieveSCP:
     def __init__(self, index: IndexReader, destinations: tuple[DestinationConfig, ...]) -> None:
         self._index = index
@@ -252,9 +257,9 @@ class QueryRetrieveSCP:
                 query.add(element)
         unique = UNIQUE[level][0]
         if unique not in query:
-            query.add_new(
-                pydicom.datadict.tag_for_keyword(unique), "UI" if level != "PATIENT" else "LO", None
-            )
+            tag = pydicom.datadict.tag_for_keyword(unique)
+            assert tag is not None  # UNIQUE names keywords of the dictionary
+            query.add_new(tag, "UI" if level != "PATIENT" else "LO", None)
         for rows in _group(_rows(self._index, identifier), level).values():
             record = entity_record(
                 level, rows, pydicom.dcmread(self._index.path(rows[0]), stop_before_pixels=True)
@@ -267,14 +272,14 @@ class QueryRetrieveSCP:
                 answer.SpecificCharacterSet = record.SpecificCharacterSet
             yield answer
 
-    def handle_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+    def handle_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         started = time.perf_counter()
         calling_ae = event.assoc.requestor.ae_title
         METRICS.inc("c_find_total", service="query-retrieve")
         answered = 0
         try:
             identifier = event.identifier
-            level = check_identifier(identifier, event.request.AffectedSOPClassUID)
+            level = check_identifier(identifier, _sop_class(event))
             for answer in self.matches(identifier, level):
                 if event.is_cancelled:
                     log.info("qr.find_cancelled", calling_ae=calling_ae, answered=answered)
@@ -347,10 +352,10 @@ class QueryRetrieveSCP:
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
 
-    def handle_get(self, event: evt.Event) -> Iterator[int | tuple[int, Dataset | None]]:
+    def handle_get(self, event: evt.Event) -> Iterator[int | tuple[int | Dataset, Dataset | None]]:
         METRICS.inc("retrieve_total", verb="c-get")
         try:
-            rows = self._instances(event.identifier, event.request.AffectedSOPClassUID)
+            rows = self._instances(event.identifier, _sop_class(event))
         except InvalidIdentifier as exc:
             log.warning("qr.retrieve_rejected", phase="identifier", reason=str(exc))
             yield 1
@@ -368,7 +373,7 @@ class QueryRetrieveSCP:
             yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown
             return
         try:
-            rows = self._instances(event.identifier, event.request.AffectedSOPClassUID)
+            rows = self._instances(event.identifier, _sop_class(event))
         except InvalidIdentifier as exc:
             log.warning("qr.retrieve_rejected", phase="identifier", reason=str(exc))
             yield known.host, known.port

@@ -12,7 +12,7 @@ import socketserver
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import trio
 from pynetdicom import AE, evt
@@ -25,6 +25,8 @@ from appliance.metrics import METRICS
 log = get_logger("dicom")
 
 Handler = tuple[evt.EventType, Callable[..., Any]]
+#: Presentation contexts a server accepts: (abstract syntax, transfer syntaxes).
+Contexts = list[tuple[str, Sequence[str]]]
 
 
 class _AssociationServer(ThreadedAssociationServer):
@@ -122,8 +124,13 @@ class DicomServer:
         return ae
 
     def _bind(self) -> _AssociationServer:
-        server = self._make_ae().make_server(
-            self._address, evt_handlers=self._handlers, server_class=_AssociationServer
+        server = cast(
+            _AssociationServer,
+            self._make_ae().make_server(
+                self._address,
+                evt_handlers=list(self._handlers),
+                server_class=_AssociationServer,
+            ),
         )
         server.allowed_addresses = frozenset(peer.address for peer in self._dicom.peers)
         server.service_name = self.name

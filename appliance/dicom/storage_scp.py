@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 from pathlib import Path
+from typing import cast
 
 from pydicom import Dataset
 from pydicom.uid import (
@@ -27,11 +28,12 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
 
 from appliance.dicom import statuses
 from appliance.dicom._pynetdicom import received_spool_file
 from appliance.dicom.door import ApplianceStopping, TrioDoor
-from appliance.dicom.server import Handler
+from appliance.dicom.server import Contexts, Handler
 from appliance.dicom.statuses import status
 from appliance.log import get_logger
 from appliance.metrics import METRICS
@@ -64,8 +66,8 @@ PROBLEM_STATUS = {
     Problem.INCONSISTENT: statuses.DATASET_MISMATCH,
 }
 
-STORAGE_CONTEXTS = [
-    (cx.abstract_syntax, TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts
+STORAGE_CONTEXTS: Contexts = [
+    (str(cx.abstract_syntax), TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts
 ]
 
 
@@ -86,7 +88,7 @@ class StorageSCP:
     def _store_one(self, event: evt.Event) -> int | Dataset:
         spooled = Path(event.dataset_path)
         requestor = event.assoc.requestor
-        request = event.request
+        request = cast(C_STORE, event.request)
         context = {
             "sop_instance_uid": request.AffectedSOPInstanceUID,
             "calling_ae": requestor.ae_title,

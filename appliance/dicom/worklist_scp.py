@@ -12,19 +12,23 @@ import datetime
 import time
 import zoneinfo
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from pydicom import Dataset
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from pynetdicom import evt
-from pynetdicom.sop_class import ModalityPerformedProcedureStep, ModalityWorklistInformationFind
+from pynetdicom.dimse_primitives import N_CREATE, N_SET
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made at import time
+    ModalityPerformedProcedureStep,
+    ModalityWorklistInformationFind,
+)
 
 from appliance.config import WorklistScpConfig
 from appliance.dicom import encoded, matching, statuses
 from appliance.dicom._pynetdicom import PendingFindWriter
 from appliance.dicom.charsets import codecs_for, encode_for
 from appliance.dicom.door import ApplianceStopping, TrioDoor
-from appliance.dicom.server import Handler
+from appliance.dicom.server import Contexts, Handler
 from appliance.dicom.statuses import (
     CANCELLED,
     IDENTIFIER_MISMATCH,
@@ -40,7 +44,7 @@ from appliance.worklist.store import IN_PROGRESS, UID_ROOT, WorklistItem, Workli
 log = get_logger("worklist-scp")
 
 _UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"]
-WORKLIST_CONTEXTS = [
+WORKLIST_CONTEXTS: Contexts = [
     (ModalityWorklistInformationFind, _UNCOMPRESSED),
     (ModalityPerformedProcedureStep, _UNCOMPRESSED),
 ]
@@ -139,8 +143,8 @@ class WorklistSCP:
     def _record(self, item: WorklistItem) -> Dataset | None:
         key = (item.accession_number, item.updated_at)
         if key not in self._records:
-            ds = record(item, self._zone)
-            if not _is_valid(ds):
+            ds: Dataset | None = record(item, self._zone)
+            if ds is not None and not _is_valid(ds):
                 log.warning("worklist.item_invalid", accession_number=item.accession_number)
                 ds = None
             if len(self._records) > 50_000:
@@ -176,15 +180,24 @@ class WorklistSCP:
                 lower = low.replace(tzinfo=self._zone) - margin
             if high != datetime.datetime.max:
                 upper = high.replace(tzinfo=self._zone) + margin
-        narrowed = {
-            "scheduled_from": lower,
-            "scheduled_to": upper,
-            "modality": _single(step, "Modality"),
-            "patient_id": _single(query, "PatientID"),
-            "accession_number": _single(query, "AccessionNumber"),
-        }
-        log.debug("worklist.narrowed", **{k: repr(v) for k, v in narrowed.items()})
-        return self._store.offered(**narrowed)
+        modality = _single(step, "Modality")
+        patient_id = _single(query, "PatientID")
+        accession_number = _single(query, "AccessionNumber")
+        log.debug(
+            "worklist.narrowed",
+            scheduled_from=repr(lower),
+            scheduled_to=repr(upper),
+            modality=repr(modality),
+            patient_id=repr(patient_id),
+            accession_number=repr(accession_number),
+        )
+        return self._store.offered(
+            scheduled_from=lower,
+            scheduled_to=upper,
+            modality=modality,
+            patient_id=patient_id,
+            accession_number=accession_number,
+        )
 
     def _character_set(self, query: Dataset, calling_ae: str) -> str:
         configured = self._config.character_sets.get(calling_ae.strip())
@@ -197,7 +210,7 @@ class WorklistSCP:
                 return term
         return self._config.character_set
 
-    def handle_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+    def handle_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         METRICS.inc("c_find_total", service="worklist")
         started = time.perf_counter()
         calling_ae = event.assoc.requestor.ae_title
@@ -277,7 +290,8 @@ class WorklistSCP:
             return status(
                 statuses.MISSING_ATTRIBUTE, "Scheduled Step Attributes Sequence missing"
             ), None
-        uid = event.request.AffectedSOPInstanceUID or generate_uid(UID_ROOT)
+        request = cast(N_CREATE, event.request)
+        uid = request.AffectedSOPInstanceUID or generate_uid(UID_ROOT)
         step = steps[0]
         outcome, result = self._counted(
             "n-create",
@@ -295,12 +309,12 @@ class WorklistSCP:
             accession_number=outcome.accession_number,
             replay=outcome.replay,
         )
-        if not event.request.AffectedSOPInstanceUID:
+        if not request.AffectedSOPInstanceUID:
             attributes.AffectedSOPInstanceUID = uid  # pynetdicom moves it into the response
         return result, attributes
 
     def handle_n_set(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
-        uid = str(event.request.RequestedSOPInstanceUID)
+        uid = str(cast(N_SET, event.request).RequestedSOPInstanceUID)
         modifications = event.modification_list
         outcome, result = self._counted(
             "n-set", self._store.mpps.update, uid, modifications.to_json_dict()

@@ -14,6 +14,7 @@ import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -21,7 +22,8 @@ from attrs import frozen
 from PIL import Image
 from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut, pixel_array
+from pydicom.pixels.processing import apply_modality_lut
+from pydicom.pixels.utils import pixel_array
 
 JPEG_2000 = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
 
@@ -48,7 +50,7 @@ def _jpeg2000_reduced(path: Path, header: pydicom.Dataset, height: int) -> np.nd
     reduce = max(int(math.log2(rows / height)), 0) if rows > height else 0
     codestream = next(generate_frames(pydicom.dcmread(path).PixelData, number_of_frames=1))
     image = Image.open(io.BytesIO(codestream))
-    image.reduce = reduce
+    image.reduce = reduce  # type: ignore[method-assign,assignment]  # Pillow: levels to skip
     image.load()
     pixels = np.asarray(image)
     if image.mode == "I;16" and int(header.BitsStored) < 16:
@@ -63,7 +65,8 @@ def _area_reduce(pixels: np.ndarray, height: int) -> np.ndarray:
         return pixels.astype(np.float32)
     rows, columns = (pixels.shape[0] // factor) * factor, (pixels.shape[1] // factor) * factor
     blocks = pixels[:rows, :columns].reshape(rows // factor, factor, columns // factor, factor)
-    return blocks.mean(axis=(1, 3), dtype=np.float32)
+    reduced: np.ndarray = blocks.mean(axis=(1, 3), dtype=np.float32)
+    return reduced
 
 
 def decode(path: Path, header: pydicom.Dataset, height: int) -> np.ndarray:
@@ -83,7 +86,7 @@ def decode(path: Path, header: pydicom.Dataset, height: int) -> np.ndarray:
     return pixels if pixels.ndim == 3 else _area_reduce(pixels, height)
 
 
-def _first(value: object) -> float:
+def _first(value: Any) -> float:
     if isinstance(value, MultiValue | list | tuple):
         value = value[0]
     return float(value)
@@ -111,7 +114,8 @@ def _voi_lut(values: np.ndarray, lut: pydicom.Dataset) -> np.ndarray:
     else:
         table = np.asarray(data if isinstance(data, list | MultiValue) else [data])
     index = np.clip(np.rint(values) - first, 0, len(table) - 1).astype(np.intp)
-    return table[index].astype(np.float32) / float((1 << bits) - 1)
+    looked_up: np.ndarray = table[index].astype(np.float32) / float((1 << bits) - 1)
+    return looked_up
 
 
 def display(stored: np.ndarray, header: pydicom.Dataset) -> np.ndarray:

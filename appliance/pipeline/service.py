@@ -17,6 +17,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -221,7 +222,7 @@ class ImagePipeline:
         self._on_processed()
 
     @staticmethod
-    def _payload(item: StoredInstance) -> dict:
+    def _payload(item: StoredInstance) -> dict[str, Any]:
         return {
             "sop_instance_uid": item.sop_instance_uid,
             "study_instance_uid": item.study_instance_uid,

@@ -199,7 +199,9 @@ class CloudActions:
             log.warning("action.refused", phase="action", action_id=action_id, reason=str(exc))
         return json.dumps({**reply, "action_id": action_id})
 
-    async def _create_item(self, parameters: Any, message: dict, test: bool = False) -> dict:
+    async def _create_item(
+        self, parameters: Any, message: dict[str, Any], test: bool = False
+    ) -> dict[str, Any]:
         new = _structure(parameters, CreateItem).worklist_item
         item = WorklistItem(
             accession_number=new.accession_number,
@@ -216,7 +218,7 @@ class CloudActions:
         result, stored = await self._worklist.write(self._worklist.create, item)
         return {"status": result, "study_instance_uid": stored.study_instance_uid}
 
-    async def _create_test_item(self, parameters: Any, message: dict) -> dict:
+    async def _create_test_item(self, parameters: Any, message: dict[str, Any]) -> dict[str, Any]:
         """The end-to-end test participant: the item, then a simulated unit performing it."""
         if self._test_unit is None:
             raise ActionError("the modality simulator is not available here")
@@ -239,7 +241,7 @@ class CloudActions:
             }
         return reply | {"test": True, "stored_instances": stored, "phases": phases}
 
-    async def _remove_test_item(self, parameters: Any, message: dict) -> dict:
+    async def _remove_test_item(self, parameters: Any, message: dict[str, Any]) -> dict[str, Any]:
         """Forget a test participant: its item, MPPS, images and their files, its study; and
         its events if nothing will ever send them. Real participants are never touched."""
         accession = _structure(parameters, TestItem).accession_number
@@ -251,27 +253,27 @@ class CloudActions:
             images = await self._images.remove_test_study(accession, drop)
         return {"status": "removed", "images": images}
 
-    async def _update_status(self, parameters: Any, message: dict) -> dict:
+    async def _update_status(self, parameters: Any, message: dict[str, Any]) -> dict[str, Any]:
         change = _structure(parameters, UpdateStatus).worklist_item
         await self._worklist.write(
             self._worklist.set_status, change.accession_number, change.status
         )
         return {"status": "updated"}
 
-    async def _cancel_item(self, parameters: Any, message: dict) -> dict:
+    async def _cancel_item(self, parameters: Any, message: dict[str, Any]) -> dict[str, Any]:
         change = _structure(parameters, UpdateStatus).worklist_item
         await self._worklist.write(self._worklist.set_status, change.accession_number, CANCELLED)
         return {"status": "cancelled"}
 
-    async def _report_health(self, parameters: Any, message: dict) -> dict:
+    async def _report_health(self, parameters: Any, message: dict[str, Any]) -> dict[str, Any]:
         return {"status": "ok", "health": await self._health()}
 
-    async def _image_fetch(self, parameters: Any, channel: Any) -> dict:
+    async def _image_fetch(self, parameters: Any, channel: Any) -> dict[str, Any]:
         if self._fetch is None:
             raise ActionError("image.fetch is not available here")
         if channel is None:
             raise ActionError("image.fetch streams: send it on a connection, not as a request")
         return await self._fetch.run(_structure(parameters, FetchRequest), channel)
 
-    async def _echo(self, parameters: Any, message: dict) -> dict:
+    async def _echo(self, parameters: Any, message: dict[str, Any]) -> dict[str, Any]:
         return {"status": "echo", "payload": message.get("payload", parameters)}

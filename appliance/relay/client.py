@@ -10,7 +10,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 import trio
-from trio_websocket import ConnectionRejected, WebSocketConnection
+from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
 
 from appliance.log import get_logger
 from appliance.metrics import METRICS
@@ -21,6 +21,13 @@ log = get_logger("relay")
 
 BACKOFF = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
 MAX_MESSAGE = 16 * 1024 * 1024
+
+
+def closed_how(exc: ConnectionClosed) -> str:
+    """`<code> <reason>` of a closed WebSocket, for logs and failure counts."""
+    if exc.reason is None:
+        return "without a close frame"
+    return f"{exc.reason.code} {exc.reason.reason}"
 
 
 class RelayClient:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,9 @@ class FetchRequest:
 class Bandwidth:
     """A token bucket shared by every fetch: bytes per second, one second of burst."""
 
-    def __init__(self, bytes_per_second: float, clock=trio.current_time) -> None:
+    def __init__(
+        self, bytes_per_second: float, clock: Callable[[], float] = trio.current_time
+    ) -> None:
         self._rate = bytes_per_second
         self._clock = clock
         self._available = bytes_per_second
@@ -115,7 +118,7 @@ class ImageFetch:
         start = uids.index(resume.sop_instance_uid)
         return [(row, resume.offset if n == start else 0) for n, row in enumerate(rows)][start:]
 
-    async def run(self, request: FetchRequest, channel: Any) -> dict:
+    async def run(self, request: FetchRequest, channel: Any) -> dict[str, Any]:
         plan = await trio.to_thread.run_sync(self._plan, request)
         async with self._slots:
             total = 0
@@ -187,5 +190,5 @@ def _hash_prefix(stream: Any, digest: Any, length: int) -> None:
         remaining -= len(chunk)
 
 
-def _json(value: dict) -> str:
+def _json(value: dict[str, Any]) -> str:
     return json.dumps(value)

@@ -25,7 +25,7 @@ from trio_websocket import (
 )
 
 from appliance.log import get_logger
-from appliance.relay.client import BACKOFF, MAX_MESSAGE, RelayClient
+from appliance.relay.client import BACKOFF, MAX_MESSAGE, RelayClient, closed_how
 from appliance.relay.endpoint import DEFAULT_LIVENESS, Liveness, RelayEndpoint
 from appliance.relay.websocket import open_websocket
 
@@ -65,7 +65,7 @@ class RelayListener(RelayClient):
         self.accepted = 0
         self.renewals = 0
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         return {
             "connected": self.connected,
             "last_contact": self.last_contact,
@@ -105,7 +105,7 @@ class RelayListener(RelayClient):
                 if exc.status_code == 404:  # no such hybrid connection: configuration
                     raise HybridConnectionMissing(self._path) from exc
             except ConnectionClosed as exc:
-                self._failed("control-channel", f"closed {exc.reason.code} {exc.reason.reason}")
+                self._failed("control-channel", f"closed {closed_how(exc)}")
             except (HandshakeError, OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
                 self._failed("connect", f"{type(exc).__name__}: {exc}")
             await self._back_off()
@@ -157,7 +157,7 @@ class RelayListener(RelayClient):
             except ConnectionClosed:
                 return
 
-    async def _accept(self, accept: dict) -> None:
+    async def _accept(self, accept: dict[str, Any]) -> None:
         address = accept.get("address")
         if not isinstance(address, str):
             self._failed("accept", "accept without an address")
@@ -178,12 +178,14 @@ class RelayListener(RelayClient):
     async def _one_action(self, rendezvous: WebSocketConnection) -> None:
         request = await rendezvous.get_message()
         text = request if isinstance(request, str) else request.decode("utf-8", "replace")
+        assert self._handle is not None  # the default conversation is for a handler
         await rendezvous.send_message(await self._handle(text, rendezvous))
 
-    async def _request(self, control: WebSocketConnection, request: dict) -> None:
+    async def _request(self, control: WebSocketConnection, request: dict[str, Any]) -> None:
         """HTTP request mode, small bodies inline on the control channel."""
         body = await control.get_message() if request.get("body") else ""
         text = body if isinstance(body, str) else body.decode("utf-8", "replace")
+        assert self._handle is not None  # request mode answers through the handler
         reply = await self._handle(text)
         response = {
             "response": {

@@ -16,12 +16,17 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+)
 
 from appliance.log import get_logger
 from appliance.metrics import METRICS
 from appliance.outbox import Outbox
-from appliance.relay.client import BACKOFF, MAX_MESSAGE, RelayClient
+from appliance.relay.client import BACKOFF, MAX_MESSAGE, RelayClient, closed_how
 from appliance.relay.endpoint import DEFAULT_LIVENESS, Liveness, RelayEndpoint
 from appliance.relay.websocket import open_websocket
 
@@ -59,7 +64,7 @@ class RelaySender(RelayClient):
         self.sent = 0
         self.last_ack: float | None = None
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, Any]:
         return {
             "connected": self.connected,
             "sent": self.sent,
@@ -97,14 +102,14 @@ class RelaySender(RelayClient):
             except ConnectionRejected as exc:  # 404: no listener on the events connection
                 self._rejected(exc, not_found="connect")
             except ConnectionClosed as exc:
-                self._failed("send", f"connection closed {exc.reason.code} {exc.reason.reason}")
+                self._failed("send", f"connection closed {closed_how(exc)}")
             except trio.TooSlowError:
                 self._failed("ack", f"no ack within {self._ack_timeout:g} s")
             except (HandshakeError, OSError, trio.BrokenResourceError) as exc:
                 self._failed("connect", f"{type(exc).__name__}: {exc}")
             await self._back_off()
 
-    async def _deliver(self, connection) -> None:
+    async def _deliver(self, connection: WebSocketConnection) -> None:
         idle_since = trio.current_time()
         while True:
             batch = await trio.to_thread.run_sync(self._outbox.pending, 50)

@@ -73,7 +73,11 @@ async def websocket_over(
         async with trio.open_nursery() as nursery:
             with trio.fail_after(connect_timeout):
                 connection = await wrap_client_stream(
-                    nursery, stream, target.netloc, resource, max_message_size=max_message_size
+                    nursery,
+                    stream,  # type: ignore[arg-type]  # any trio Stream works, as tests show
+                    target.netloc,
+                    resource,
+                    max_message_size=max_message_size,
                 )
             try:
                 yield connection

@@ -273,7 +273,7 @@ class Index:
         instance: StoredInstance,
         state: str,
         event_type: str,
-        payload: dict,
+        payload: dict[str, Any],
         source_message_id: str | None,
         *,
         thumbnail_path: str | None = None,
@@ -305,10 +305,11 @@ class Index:
         )
 
     def last_received(self) -> str | None:
-        return self._db.execute("SELECT max(created_at) FROM stored_instances").fetchone()[0]
+        row = self._db.execute("SELECT max(created_at) FROM stored_instances").fetchone()
+        return str(row[0]) if row[0] is not None else None
 
     def count(self) -> int:
-        return self._db.execute("SELECT count(*) FROM stored_instances").fetchone()[0]
+        return int(self._db.execute("SELECT count(*) FROM stored_instances").fetchone()[0])
 
     def remove_test_study(
         self, accession_number: str, drop_unsent_events: bool

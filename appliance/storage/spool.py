@@ -14,6 +14,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -25,7 +26,7 @@ WRITEBACK_EVERY = 8 * 1024 * 1024
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of dirty pages in the range; do not wait
 
 
-def _load_sync_file_range():
+def _load_sync_file_range() -> Any:
     try:
         # Imported here: ctypes builds a callback at import, which a sandbox with
         # MemoryDenyWriteExecute may refuse on an old libffi. The hint is optional.

@@ -174,7 +174,12 @@ def describe(
         number_of_frames=number_of_frames,
         source_aet=source_aet,
         source_address=source_address,
-        **fields,
+        series_instance_uid=fields["series_instance_uid"],
+        patient_id=fields["patient_id"],
+        patient_name=fields["patient_name"],
+        accession_number=fields["accession_number"],
+        modality=fields["modality"],
+        view_position=fields["view_position"],
     )
 
 

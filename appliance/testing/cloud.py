@@ -93,6 +93,7 @@ async def fetch(
                     if isinstance(message, bytes):
                         if part is None:  # the rest of a file that is already complete here
                             continue
+                        assert resume is not None  # set by the file's header
                         await part.write(message)
                         resume = (resume[0], resume[1] + len(message))
                         if on_chunk is not None:
@@ -115,6 +116,7 @@ async def fetch(
                     elif kind == "image.trailer":
                         if part is None:
                             continue
+                        assert resume is not None  # set by the file's header
                         await part.aclose()
                         part = None
                         data = await part_path.read_bytes()

@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from appliance.testing.modality import ModalitySimulator, SimulationError
 
@@ -33,7 +34,7 @@ EXPECTED = [
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        return int(probe.getsockname()[1])
 
 
 def _wait_for_port(port: int, timeout: float = 30) -> None:
@@ -75,8 +76,8 @@ ping_timeout_s = 2
     appliance = [sys.executable, "-m", "appliance", "--config", str(config)]
     dev = [sys.executable, "-m", "appliance.testing.dev", "--config", str(config)]
     logs = (work / "emulator.log").open("w"), (work / "appliance.log").open("w")
-    processes: list[subprocess.Popen] = []
-    received: list[dict] = []
+    processes: list[subprocess.Popen[Any]] = []
+    received: list[dict[str, Any]] = []
     try:
         step(f"relay emulator on ws://127.0.0.1:{relay_port}")
         processes.append(
@@ -108,6 +109,7 @@ ping_timeout_s = 2
         processes.append(consumer)
 
         def collect() -> None:
+            assert consumer.stdout is not None  # started with stdout=PIPE
             for line in consumer.stdout:
                 event = json.loads(line)
                 received.append(event)

@@ -10,13 +10,13 @@ import json
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from appliance import config as config_module
 from appliance import log
-from appliance.cli.offline import load
-from appliance.config import ConfigError
+from appliance.cli.offline import CommandTree, load, run
 from appliance.relay.endpoint import RelayEndpoint
 
 
@@ -126,7 +126,7 @@ def cmd_dev_cloud_events(args: argparse.Namespace) -> int:
     key = config_module.read_secret(relay.key_file, "relay.key_file")
     log.configure("WARNING")
 
-    def show(envelope: dict) -> None:
+    def show(envelope: dict[str, Any]) -> None:
         if envelope.get("payload", {}).get("thumbnail"):
             envelope["payload"]["thumbnail"] = f"<{len(envelope['payload']['thumbnail'])} b64>"
         print(json.dumps(envelope), flush=True)
@@ -146,21 +146,9 @@ def cmd_dev_cloud_events(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--config",
-        default=argparse.SUPPRESS,
-        help=f"TOML config file (default {config_module.DEFAULT_PATH})",
-    )
-    parser = argparse.ArgumentParser(prog="appliance-dev", description=__doc__, parents=[common])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="TOOL")
-
-    def command(parent, name: str, help: str, func=None) -> argparse.ArgumentParser:
-        sub = parent.add_parser(name, help=help, parents=[common])
-        if func is not None:
-            sub.set_defaults(func=func)
-        return sub
+def _parser() -> CommandTree:
+    tree = CommandTree("appliance-dev", __doc__, "TOOL")
+    commands, command = tree.commands, tree.command
 
     emulator = command(commands, "relay-emulator", "a local Azure Relay", cmd_dev_relay_emulator)
     emulator.add_argument("--host", default="127.0.0.1")
@@ -190,17 +178,11 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--study", help="Study Instance UID: every stored instance")
     which.add_argument("--sop", help="SOP Instance UID: one instance")
     fetch.add_argument("--out", default=".", help="where the files go (default: here)")
-    return parser
+    return tree
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
-        return 2
+    return run(_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from attrs import frozen
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at import time
     DigitalMammographyXRayImageStorageForPresentation,
     ModalityPerformedProcedureStep,
     ModalityWorklistInformationFind,
@@ -42,7 +42,7 @@ class ModalitySimulator:
     calling_ae: str = "SIMULATOR"
     shape: tuple[int, int] = (1024, 832)
 
-    def _associate(self, contexts: list[str], port: int, called: str, phase: str):
+    def _associate(self, contexts: list[str], port: int, called: str, phase: str) -> Any:
         ae = AE(self.calling_ae)
         for context in contexts:
             ae.add_requested_context(context)
@@ -82,7 +82,8 @@ class ModalitySimulator:
             assoc.release()
         if len(answers) != 1:
             raise SimulationError("worklist-query", f"{len(answers)} items for {accession}")
-        return answers[0]
+        answer: Dataset = answers[0]
+        return answer
 
     def run(
         self,
@@ -128,7 +129,7 @@ class ModalitySimulator:
         finally:
             assoc.release()
 
-    def mpps_start(self, assoc, item: Dataset, mpps_uid: str) -> None:
+    def mpps_start(self, assoc: Any, item: Dataset, mpps_uid: str) -> None:
         step = Dataset()
         step.AccessionNumber = item.AccessionNumber
         step.ScheduledProcedureStepID = item.ScheduledProcedureStepSequence[0].get(
@@ -181,7 +182,7 @@ class ModalitySimulator:
             assoc.release()
         return stored
 
-    def mpps_complete(self, assoc, mpps_uid: str, stored: list[str]) -> None:
+    def mpps_complete(self, assoc: Any, mpps_uid: str, stored: list[str]) -> None:
         ds = Dataset()
         ds.PerformedProcedureStepStatus = "COMPLETED"
         ds.PerformedProcedureStepEndDate = time.strftime("%Y%m%d")

@@ -23,6 +23,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import attrs
 import trio
@@ -112,7 +113,11 @@ class RelayEmulator:
         return f"ws://{self.host}:{self.port}"
 
     async def run(
-        self, host: str = "127.0.0.1", port: int = 0, *, task_status=trio.TASK_STATUS_IGNORED
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        task_status: trio.TaskStatus[RelayEmulator] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         self.host = host
         async with trio.open_nursery() as nursery:
@@ -162,7 +167,12 @@ class RelayEmulator:
             self._links.remove(link)
 
     @staticmethod
-    async def _pump(source, target, link: _Link, scope: trio.CancelScope) -> None:
+    async def _pump(
+        source: trio.SocketStream,
+        target: trio.SocketStream,
+        link: _Link,
+        scope: trio.CancelScope,
+    ) -> None:
         try:
             while True:
                 data = await source.receive_some(65536)
@@ -258,7 +268,7 @@ class RelayEmulator:
         await channel.ws.aclose(1008, "ExpiredToken")
         scope.cancel()
 
-    async def _connect(self, request: WebSocketRequest, path: str, headers: dict) -> None:
+    async def _connect(self, request: WebSocketRequest, path: str, headers: dict[str, Any]) -> None:
         if not self._listeners[path]:
             self.refusals.append(("connect", f"no listener for {path}"))
             await request.reject(404, body=b"no listener")
@@ -301,7 +311,7 @@ class RelayEmulator:
             rendezvous.finished.set()
             self._rendezvous.pop(rendezvous_id, None)
 
-    async def _rendezvous_arrives(self, request: WebSocketRequest, query: dict) -> None:
+    async def _rendezvous_arrives(self, request: WebSocketRequest, query: dict[str, Any]) -> None:
         rendezvous = self._rendezvous.get(query.get("sb-hc-id", ""))
         if rendezvous is not None and self.drop_rendezvous > 0:
             self.drop_rendezvous -= 1
@@ -334,7 +344,8 @@ async def _join(a: WebSocketConnection, b: WebSocketConnection) -> None:
                 await target.send_message(await source.get_message())
         except ConnectionClosed as exc:
             # Pass the close on as it was given (e.g. 1009 message too big), as the relay does.
-            code, reason = exc.reason.code or 1000, exc.reason.reason
+            code = (exc.reason.code if exc.reason else None) or 1000
+            reason = exc.reason.reason if exc.reason else None
         if code in (1005, 1006):  # no status / abnormal: not codes one may send
             code = 1000
         for side in (source, target):  # whichever end closed, the other hears the same

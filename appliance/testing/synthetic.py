@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom import Dataset, FileMetaDataset
@@ -32,7 +33,8 @@ def breast_pixels(rows: int, columns: int, laterality: str, bits_stored: int = 1
     tissue = np.clip(1.0 - distance, 0.0, 1.0) ** 0.5
     texture = 0.08 * np.sin(x / 37.0) * np.cos(y / 53.0)
     maximum = (1 << bits_stored) - 1
-    return ((tissue * (0.85 + texture)) * maximum * 0.9 + 40).astype(np.uint16)
+    pixels: np.ndarray = ((tissue * (0.85 + texture)) * maximum * 0.9 + 40).astype(np.uint16)
+    return pixels
 
 
 def mammogram(
@@ -94,7 +96,7 @@ def mammogram(
 
 
 def screening_study(
-    directory: Path, *, shape: tuple[int, int] = FFDM_SHAPE, **fields
+    directory: Path, *, shape: tuple[int, int] = FFDM_SHAPE, **fields: Any
 ) -> list[Path]:
     """Write the four screening views of one study (RCC, LCC, RMLO, LMLO) into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
