@@ -6,6 +6,7 @@ lives in the services themselves.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 from collections.abc import Callable
@@ -198,7 +199,10 @@ class Appliance:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         log.info("appliance.starting", version=__version__, state_dir=self.config.state_dir)
         await trio.to_thread.run_sync(ensure_directory, self.paths.state_dir)
-        with exclusive(self.paths):
+        # A few seconds' grace: a command's brief look (`worklist add`, `status`) may hold it.
+        held = contextlib.ExitStack()
+        await trio.to_thread.run_sync(held.enter_context, exclusive(self.paths, wait=5.0))
+        with held:
             try:
                 _pynetdicom.configure(self.paths.spool)
                 await trio.to_thread.run_sync(self._open_stores)

@@ -76,7 +76,11 @@ class ControlSocket:
                         break
                     request += chunk
             self.requests += 1
-            reply = await self._handle(request.decode("utf-8", "replace"))
+            try:
+                reply = await self._handle(request.decode("utf-8", "replace"))
+            except Exception as exc:  # one request's failure, never the service's
+                log.exception("control.request_failed", phase="control", error=str(exc))
+                reply = json.dumps({"status": "error", "message": f"internal error: {exc}"})
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(reply.encode() + b"\n")
 

@@ -20,6 +20,9 @@ from typing import ParamSpec, TypeVar
 
 import trio
 
+from appliance.log import get_logger
+
+log = get_logger("db")
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -99,14 +102,21 @@ class Database:
         self._after_commit = []
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
             self._after_commit = None
-            db.execute("ROLLBACK")
+            # A failed COMMIT (disk full, I/O error) may leave the transaction open: end it, or
+            # every later statement on this one connection would join it and never commit.
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
         hooks, self._after_commit = self._after_commit, None
         for hook in hooks:
-            hook()
+            try:
+                hook()
+            except Exception:  # the transaction is committed; a hook must not say otherwise
+                log.exception("database.after_commit_failed", database=self.path.name)
 
     def after_commit(self, hook: Callable[[], None]) -> None:
         """Run `hook` once the current transaction has committed (never if it rolls back)."""

@@ -186,14 +186,15 @@ class SelfTest:
                 "unit": {"calling_ae": CALLING_AE, "rows": SHAPE[0], "columns": SHAPE[1]},
             },
         }
+        # Cleaned up whatever the answer: a timeout or Ctrl-C here may leave the appliance
+        # creating the item (removing one that never was is a harmless error reply).
+        self._created = True
         try:
             reply = self._ask(action, timeout=max(self._timeout, 30))
         except (control.ControlUnavailable, OSError) as exc:
-            raise PhaseFailed("worklist-item", str(exc)) from None
+            raise PhaseFailed("worklist-item", str(exc) or type(exc).__name__) from None
         unit_phases = [(name, seconds) for name, seconds in reply.get("phases", [])]
-        if reply.get("test"):
-            self._created = True
-        elif reply.get("status") == "error":
+        if not reply.get("test") and reply.get("status") == "error":
             raise PhaseFailed("worklist-item", reply.get("message", "refused"))
         spent = sum(seconds for _, seconds in unit_phases)
         self._passed("worklist-item", max(time.monotonic() - started - spent, 0), self.accession)
@@ -220,6 +221,10 @@ class SelfTest:
         except (control.ControlUnavailable, OSError) as exc:
             reply = {"status": "error", "message": str(exc)}
         seconds = time.monotonic() - started
+        if reply.get("status") != "removed" and not self._stored and self.report.failed:
+            # Nothing was created (the item was refused): nothing to remove.
+            self._say(f"  {'cleanup':16} --  nothing to remove")
+            return
         if reply.get("status") != "removed":
             detail = f"not removed: {reply.get('message')}"
             self.report.phases.append(("cleanup", seconds, detail))

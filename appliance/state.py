@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,7 +89,7 @@ class StatePaths:
 
 
 @contextlib.contextmanager
-def exclusive(paths: StatePaths) -> Iterator[None]:
+def exclusive(paths: StatePaths, wait: float = 0.0) -> Iterator[None]:
     """Hold the state directory for as long as the block runs: the appliance for its lifetime,
     and every command that must not run beside it (fsck repairs, retention, offline writes).
     An flock, so a killed holder never leaves a stale lock behind."""
@@ -96,10 +97,19 @@ def exclusive(paths: StatePaths) -> Iterator[None]:
     # service's own user from locking it (the file holds nothing).
     fd = os.open(paths.lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StateInUse(f"{paths.state_dir} is in use (lock {paths.lock.name})") from None
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, 0o644)  # whatever the creator's umask
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StateInUse(
+                        f"{paths.state_dir} is in use (lock {paths.lock.name})"
+                    ) from None
+                time.sleep(0.1)
         yield
     finally:
         os.close(fd)

@@ -33,7 +33,13 @@ TEST_UNIT_ENTRY_POINTS = "screening_gateway.test_unit"
 
 def _test_unit() -> Callable[..., Any] | None:
     for entry in importlib.metadata.entry_points(group=TEST_UNIT_ENTRY_POINTS):
-        unit: Callable[..., Any] = entry.load()
+        try:
+            unit: Callable[..., Any] = entry.load()
+        except Exception as exc:  # a broken simulator must not stop the clinic's DICOM service
+            log.get_logger("appliance").warning(
+                "test_unit.unavailable", phase="startup", error=f"{type(exc).__name__}: {exc}"
+            )
+            return None
         return unit
     return None
 

@@ -94,7 +94,7 @@ def cmd_worklist_add(args: argparse.Namespace) -> int:
                 finally:
                     store.close()
             study_uid = stored.study_instance_uid
-    except (WorklistError, control.ControlUnavailable) as exc:
+    except (WorklistError, control.ControlUnavailable, OSError) as exc:
         print(f"worklist add: {exc}", file=sys.stderr)
         return 1
     print(f"{result}: {item.accession_number} study {study_uid}")
@@ -143,7 +143,7 @@ def cmd_worklist_cancel(args: argparse.Namespace) -> int:
                     store.database.run_sync(store.set_status, args.accession, CANCELLED)
                 finally:
                     store.close()
-    except (WorklistError, control.ControlUnavailable) as exc:
+    except (WorklistError, control.ControlUnavailable, OSError) as exc:
         print(f"worklist cancel: {exc}", file=sys.stderr)
         return 1
     print(f"cancelled: {args.accession}")

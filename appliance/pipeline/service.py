@@ -136,7 +136,10 @@ class ImagePipeline:
         if item.accession_number:
             # The first image of a scheduled item moves it to IN PROGRESS (as the NHS gateway
             # does): here, not on the association's path; a no-op for later images.
-            await self._worklist.write(self._worklist.image_arrived, item.accession_number)
+            try:
+                await self._worklist.write(self._worklist.image_arrived, item.accession_number)
+            except Exception:  # the worklist's trouble must not stop thumbnails and events
+                log.exception("worklist.in_progress_failed", phase="image-arrived")
         linked = (
             await trio.to_thread.run_sync(self._worklist.get, item.accession_number)
             if item.accession_number

@@ -197,6 +197,9 @@ class CloudActions:
             if isinstance(exc, WorklistError):
                 reply["code"] = exc.code
             log.warning("action.refused", phase="action", action_id=action_id, reason=str(exc))
+        except Exception as exc:  # a store or disk error: a structured reply, not a dead channel
+            log.exception("action.failed", phase="action", action_id=action_id)
+            reply = {"status": "error", "message": f"internal error: {type(exc).__name__}: {exc}"}
         return json.dumps({**reply, "action_id": action_id})
 
     async def _create_item(
@@ -246,11 +249,12 @@ class CloudActions:
         its events if nothing will ever send them. Real participants are never touched."""
         accession = _structure(parameters, TestItem).accession_number
         drop = not self._events_are_sent
-        if not await self._worklist.write(self._worklist.remove_test_item, accession, drop):
+        study = await self._worklist.write(self._worklist.remove_test_item, accession, drop)
+        if study is None:
             raise ActionError(f"no test item with accession {accession}")
         images = 0
         if self._images is not None:
-            images = await self._images.remove_test_study(accession, drop)
+            images = await self._images.remove_test_study(accession, study, drop)
         return {"status": "removed", "images": images}
 
     async def _update_status(self, parameters: Any, message: dict[str, Any]) -> dict[str, Any]:

@@ -312,18 +312,17 @@ class Index:
         return int(self._db.execute("SELECT count(*) FROM stored_instances").fetchone()[0])
 
     def remove_test_study(
-        self, accession_number: str, drop_unsent_events: bool
+        self, accession_number: str, study_instance_uid: str, drop_unsent_events: bool
     ) -> list[StoredInstance]:
-        """Forget a self-test's instances and study (their files are the caller's to unlink);
-        with `drop_unsent_events` its events too, which nothing would ever send."""
+        """Forget a self-test's instances and study: only those of its accession *and* its
+        study (their files are the caller's to unlink); with `drop_unsent_events` its events
+        too, which nothing would ever send."""
+        where = "accession_number = ? AND study_instance_uid = ?"
+        keys = (accession_number, study_instance_uid)
         with self._database.transaction() as db:
-            rows = db.execute(
-                "SELECT * FROM stored_instances WHERE accession_number = ?", (accession_number,)
-            ).fetchall()
-            db.execute(
-                "DELETE FROM stored_instances WHERE accession_number = ?", (accession_number,)
-            )
-            db.execute("DELETE FROM studies WHERE accession_number = ?", (accession_number,))
+            rows = db.execute(f"SELECT * FROM stored_instances WHERE {where}", keys).fetchall()
+            db.execute(f"DELETE FROM stored_instances WHERE {where}", keys)
+            db.execute(f"DELETE FROM studies WHERE {where}", keys)
             if drop_unsent_events:
                 outbox.drop_undelivered(self._database, accession_number)
         return [StoredInstance(**dict(row)) for row in rows]

@@ -238,10 +238,12 @@ class InstanceStore:
                 self.layout.derived_file(relative).unlink(missing_ok=True)
         self.layout.absolute(instance.storage_path).unlink(missing_ok=True)
 
-    async def remove_test_study(self, accession_number: str, drop_unsent_events: bool) -> int:
+    async def remove_test_study(
+        self, accession_number: str, study_instance_uid: str, drop_unsent_events: bool
+    ) -> int:
         """A self-test's images, files and study forgotten, by the owner: returns how many."""
         removed = await self.database.write(
-            self.index.remove_test_study, accession_number, drop_unsent_events
+            self.index.remove_test_study, accession_number, study_instance_uid, drop_unsent_events
         )
         for instance in removed:
             await trio.to_thread.run_sync(self.unlink_files, instance)

@@ -89,9 +89,9 @@ class MppsOutcome:
     accession_number: str | None
 
 
-def forget_in(db: sqlite3.Connection, accession_number: str) -> None:
-    """Inside the store's transaction: a removed test item's MPPS instances go with it."""
-    db.execute("DELETE FROM mpps_instances WHERE accession_number = ?", (accession_number,))
+def forget_in(db: sqlite3.Connection, mpps_instance_uid: str) -> None:
+    """Inside the store's transaction: a removed test item's MPPS instance goes with it."""
+    db.execute("DELETE FROM mpps_instances WHERE sop_instance_uid = ?", (mpps_instance_uid,))
 
 
 class Mpps:

@@ -353,20 +353,32 @@ class WorklistStore:
             rows = db.execute("SELECT accession_number FROM worklist_archive ORDER BY 1")
             return [row[0] for row in rows.fetchall()]
 
-    def remove_test_item(self, accession_number: str, drop_unsent_events: bool) -> bool:
-        """Forget a test item (never a real one), its archive copy and MPPS; with
-        `drop_unsent_events` its events too, which nothing would ever send."""
+    def remove_test_item(self, accession_number: str, drop_unsent_events: bool) -> str | None:
+        """Forget a test item (never a real one), its archive copy and its MPPS; with
+        `drop_unsent_events` its events too, which nothing would ever send. Returns the test
+        item's Study Instance UID (so its images can go), or None if there is no such item."""
+        from appliance.worklist import mpps
+
         with self.transaction() as db:
-            removed = 0
+            found = [
+                (row["study_instance_uid"], row["mpps_instance_uid"])
+                for table in ("worklist_items", "worklist_archive")
+                for row in db.execute(
+                    f"SELECT study_instance_uid, mpps_instance_uid FROM {table}"
+                    " WHERE accession_number = ? AND is_test = 1",
+                    (accession_number,),
+                )
+            ]
+            if not found:
+                return None
             for table in ("worklist_items", "worklist_archive"):
-                removed += db.execute(
+                db.execute(
                     f"DELETE FROM {table} WHERE accession_number = ? AND is_test = 1",
                     (accession_number,),
-                ).rowcount
-            if removed:
-                from appliance.worklist import mpps
-
-                mpps.forget_in(db, accession_number)
-                if drop_unsent_events:
-                    outbox.drop_undelivered(self.database, accession_number)
-        return bool(removed)
+                )
+            for _study, mpps_uid in found:
+                if mpps_uid:
+                    mpps.forget_in(db, mpps_uid)
+            if drop_unsent_events:
+                outbox.drop_undelivered(self.database, accession_number)
+        return str(found[0][0])
