@@ -216,7 +216,7 @@ if inside /opt/screening-gateway/bin/appliance selftest --timeout 30 \
 else
     cat "$work/selftest.log"; fail "selftest"
 fi
-kill "$consumer" 2>/dev/null || true
+pkill -TERM -P "$consumer" 2>/dev/null || true; kill "$consumer" 2>/dev/null || true
 
 step "systemctl kill -s KILL"
 restarts=$(inside systemctl show -P NRestarts screening-gateway)
