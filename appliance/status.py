@@ -131,7 +131,7 @@ class StatusReporter:
 
     def _write(self, snapshot: dict[str, Any]) -> None:
         write(self._paths, snapshot)
-        live = read(self._paths, self._floor)
+        live = read(self._paths, self._floor, self._store, self._outbox)
         metrics.write_textfile(self._metrics_file, metrics.METRICS.render(metrics.gauges(live)))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -140,9 +140,13 @@ class StatusReporter:
         while True:
             try:
                 await trio.to_thread.run_sync(self._write, self.snapshot())
-            except OSError as exc:
+            except Exception as exc:  # a full disk, a database error: status is a side-matter
                 if not self._failing:
-                    log.error("status.write_failed", phase="status-write", error=str(exc))
+                    log.error(
+                        "status.write_failed",
+                        phase="status-write",
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
                 self._failing = True
             else:
                 if self._failing:
@@ -174,8 +178,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def read(paths: StatePaths, min_free_bytes: int) -> dict[str, Any]:
-    """The status file plus what the databases say, through read-only readers."""
+def read(
+    paths: StatePaths,
+    min_free_bytes: int,
+    store: InstanceStore | None = None,
+    outbox: Outbox | None = None,
+) -> dict[str, Any]:
+    """The status file plus what the databases say, through read-only readers (the running
+    appliance passes its own store and outbox, whose readers are pooled)."""
     snapshot: dict[str, Any] = {}
     if paths.status_file.exists():
         try:
@@ -185,11 +195,11 @@ def read(paths: StatePaths, min_free_bytes: int) -> dict[str, Any]:
     age = time.time() - snapshot.get("written_at", 0)
     running = bool(snapshot) and age < STALE_AFTER and _alive(int(snapshot.get("pid", 0)))
     today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT00:00:00")
-    store, worklist = InstanceStore(paths), WorklistStore(paths)
+    if store is None or outbox is None:
+        store = InstanceStore(paths)
+        outbox = Outbox({"worklist": WorklistStore(paths).database, "images": store.database})
     summary = store.reader.summary(today) if store.database.exists else IndexReader.empty_summary()
-    undelivered, oldest = Outbox(
-        {"worklist": worklist.database, "images": store.database}
-    ).undelivered()
+    undelivered, oldest = outbox.undelivered()
     free = shutil.disk_usage(paths.state_dir).free if paths.state_dir.exists() else 0
     return {
         "running": running,
