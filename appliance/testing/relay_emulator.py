@@ -186,6 +186,14 @@ class RelayEmulator:
         scope.cancel()
 
     async def _handle(self, request: WebSocketRequest) -> None:
+        # A client gone mid-handshake (a killed appliance) ends its own connection, never the
+        # emulator: the real service shrugs off a peer that vanished before its reply.
+        try:
+            await self._answer(request)
+        except ConnectionClosed as exc:
+            log.debug("emulator.client_vanished", reason=str(exc.reason)[:200])
+
+    async def _answer(self, request: WebSocketRequest) -> None:
         target = urllib.parse.urlsplit(request.path)
         query = dict(urllib.parse.parse_qsl(target.query))
         path = target.path.removeprefix("/$hc/")
