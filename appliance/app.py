@@ -44,6 +44,7 @@ from appliance.storage.files import ensure_directory
 from appliance.storage.index import StoredInstance
 from appliance.storage.recovery import recover
 from appliance.storage.retention import StorageHousekeeper
+from appliance.storage.space import DiskFloor, Reserve
 from appliance.storage.spool import SpoolSweeper
 from appliance.storage.store import InstanceStore
 from appliance.supervisor import RestartPolicy, Service, Supervisor
@@ -84,7 +85,7 @@ class Appliance:
             max_restarts=supervision.max_restarts,
             window=supervision.restart_window_s,
         )
-        self.floor_bytes = config.dicom.storage.min_free_mb * 1024 * 1024
+        self.floor = DiskFloor(self.paths.state_dir, config.dicom.storage.min_free_mb * 1024 * 1024)
         send, self.stored_instances = trio.open_memory_channel[StoredInstance](PIPELINE_NOTICES)
         self.worklist = WorklistStore(self.paths)
         self.store = InstanceStore(self.paths, stored=send)
@@ -98,6 +99,8 @@ class Appliance:
             on_processed=self.studies.notify,
         )
         self._test_unit = test_unit
+        #: startup (state, databases, recovery, first start of the servers), run, or shutdown.
+        self.phase = "startup"
         self.relay_listener: RelayListener | None = None
         self.relay_sender: RelaySender | None = None
         self.storage_server: DicomServer | None = None
@@ -108,7 +111,7 @@ class Appliance:
             Path(config.metrics.textfile)
             if config.metrics.textfile
             else self.paths.default_metrics_file,
-            self.floor_bytes,
+            self.floor,
             store=self.store,
             outbox=self.outbox,
             servers=lambda: {"storage": self.storage_server, "worklist": self.worklist_server},
@@ -189,6 +192,8 @@ class Appliance:
         return f"storage_port={ports[0]} worklist_port={ports[1]}"
 
     def _open_stores(self) -> None:
+        if Reserve(self.paths.reserve).release_if_needed():
+            log.warning("disk.reserve_released", phase="startup", **self.floor.measure().as_dict())
         self.worklist.open()
         self.store.open()
         report = self.store.database.run_sync(
@@ -204,7 +209,7 @@ class Appliance:
         await trio.to_thread.run_sync(held.enter_context, exclusive(self.paths, wait=5.0))
         with held:
             try:
-                _pynetdicom.configure(self.paths.spool)
+                _pynetdicom.configure(self.paths.spool, self.floor)
                 await trio.to_thread.run_sync(self._open_stores)
                 await self._serve(task_status)
             finally:
@@ -215,7 +220,7 @@ class Appliance:
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         dicom = self.config.dicom
         door = TrioDoor.current()
-        storage_scp = StorageSCP(self.store, door, self.floor_bytes)
+        storage_scp = StorageSCP(self.store, door, self.floor)
         qr_scp = QueryRetrieveSCP(self.store.reader, dicom.destinations)
         commitment = StorageCommitmentSCP(
             self.store, door, dicom.storage.ae_title, dicom.destinations
@@ -241,7 +246,7 @@ class Appliance:
         # after network_timeout_s. Anything much older belongs to an association that is gone.
         sweeper = SpoolSweeper(self.paths.spool, older_than=max(300, 4 * dicom.network_timeout_s))
         housekeeper = StorageHousekeeper(
-            self.store, self.config.retention, self.floor_bytes, worklist=self.worklist
+            self.store, self.config.retention, self.floor, worklist=self.worklist
         )
         actions = self._actions()
         services: list[Service] = [
@@ -267,7 +272,10 @@ class Appliance:
             self.notifier,
             describe=self._describe,
         )
-        await self.supervisor.run(task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.supervisor.run)
+            self.phase = "run"
+            task_status.started()
 
 
 async def cancel_on_signal(
@@ -279,16 +287,16 @@ async def cancel_on_signal(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         task_status.started()
         async for signum in signals:
-            log.info("appliance.stopping", signal=signal.Signals(signum).name)
+            log.info("appliance.stopping", phase="shutdown", signal=signal.Signals(signum).name)
             notifier.stopping()
             scope.cancel()
             return
 
 
-async def serve(config: Config, notifier: Notifier, test_unit: TestUnitMaker | None = None) -> None:
-    """Run until SIGTERM/SIGINT (returns) or a service exhausts its restart budget (raises)."""
-    appliance = Appliance(config, notifier, test_unit=test_unit)
+async def serve(appliance: Appliance) -> None:
+    """Run until SIGTERM/SIGINT (returns) or a service exhausts its restart budget (raises);
+    `appliance.phase` says where a failure happened."""
     async with trio.open_nursery() as nursery:
-        await nursery.start(cancel_on_signal, nursery.cancel_scope, notifier)
+        await nursery.start(cancel_on_signal, nursery.cancel_scope, appliance.notifier)
         nursery.start_soon(appliance.run)
     log.info("appliance.stopped")

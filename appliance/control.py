@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from appliance.log import get_logger
+from appliance.supervisor import Criticality
 
 log = get_logger("control")
 
@@ -43,6 +44,7 @@ class ControlUnavailable(Exception):
 
 class ControlSocket:
     name = "control-socket"
+    criticality = Criticality.AUXILIARY
 
     def __init__(self, path: Path, handle: Callable[[str], Awaitable[str]]) -> None:
         self._path = path

@@ -12,14 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+from types import TracebackType
 from typing import Any
+
+from appliance import errors
 
 
 class _EventFormatter(logging.Formatter):
     def __init__(self, style: str) -> None:
         super().__init__()
-        self._render = _json if style == "json" else _logfmt
+        self._json = style == "json"
+        self._render = _json if self._json else _logfmt
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = {
@@ -31,8 +36,10 @@ class _EventFormatter(logging.Formatter):
         }
         fields.update(getattr(record, "fields", {}))
         if record.exc_info and record.exc_info[1] is not None:
-            fields.setdefault("error", f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}")
-            fields["traceback"] = self.formatException(record.exc_info)
+            fields.setdefault("error", errors.describe(record.exc_info[1]))
+            text = self.formatException(record.exc_info)
+            # Folded into the event: an array in JSON; in logfmt one escaped string.
+            fields["traceback"] = text.splitlines() if self._json else text
         return self._render(fields)
 
 
@@ -87,6 +94,46 @@ def configure(level: str = "INFO", style: str = "logfmt") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)
+    _route_stray_tracebacks()
     # pynetdicom narrates every PDU at INFO and dumps identifiers (patient data) at DEBUG:
     # keep it to real problems unless we are debugging ourselves.
     logging.getLogger("pynetdicom").setLevel("DEBUG" if level == "DEBUG" else "WARNING")
+
+
+def _route_stray_tracebacks() -> None:
+    """Exceptions nobody caught (a pynetdicom thread, an interpreter shutdown, a finalizer)
+    become one event each with the traceback folded in, never raw lines on stderr that
+    journald would split into unrelated entries."""
+    stray = get_logger("python")
+
+    def log_uncaught(
+        kind: type[BaseException], value: BaseException, tb: TracebackType | None
+    ) -> None:
+        stray._logger.error(
+            "exception.uncaught",
+            exc_info=(kind, value, tb),
+            extra={"fields": {"phase": "run", "thread": threading.current_thread().name}},
+        )
+
+    def log_thread(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is None or isinstance(args.exc_value, SystemExit):
+            return
+        thread = args.thread.name if args.thread else "?"
+        stray._logger.error(
+            "thread.crashed",
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+            extra={"fields": {"phase": "run", "thread": thread}},
+        )
+
+    def log_unraisable(unraisable: Any) -> None:
+        value = unraisable.exc_value
+        stray._logger.warning(
+            "exception.unraisable",
+            exc_info=(unraisable.exc_type, value, unraisable.exc_traceback) if value else None,
+            extra={"fields": {"phase": "run", "where": str(unraisable.err_msg or "")[:200]}},
+        )
+
+    sys.excepthook = log_uncaught
+    threading.excepthook = log_thread
+    sys.unraisablehook = log_unraisable

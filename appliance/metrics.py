@@ -31,6 +31,8 @@ COUNTERS = {
     "events_acked_total": "Events acknowledged by the cloud",
     "relay_failures_total": "Relay failures, by client and phase",
     "relay_connects_total": "Relay connections established, by client",
+    "service_failures_total": "Supervised service failures (each a restart), by service",
+    "status_write_failures_total": "status.json / metrics file refreshes that failed",
 }
 
 
@@ -96,6 +98,10 @@ def gauges(status: dict[str, Any]) -> dict[str, tuple[str, list[tuple[dict[str, 
         "service_up": (
             "1 per supervised service that is up",
             [({"service": n}, int(s["state"] == "up")) for n, s in sorted(services.items())],
+        ),
+        "service_degraded": (
+            "1 per supervised service that keeps failing (auxiliary ones restart for ever)",
+            [({"service": n}, int(bool(s.get("degraded")))) for n, s in sorted(services.items())],
         ),
         "service_restarts": (
             "Restarts of each supervised service since the process started",

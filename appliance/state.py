@@ -11,6 +11,7 @@ state_dir/
   metrics.prom                Prometheus text (unless metrics.textfile names another place)
   appliance.lock              held (flock) by the running appliance and by offline commands
   control.sock                the running appliance's local control socket (selftest, CLI)
+  reserve                     space kept back to open the databases on a disk filled to 0
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ class StatePaths:
     @property
     def control_socket(self) -> Path:
         return self.state_dir / "control.sock"
+
+    @property
+    def reserve(self) -> Path:
+        return self.state_dir / "reserve"
 
     def relative_path(self, sop_instance_uid: str) -> str:
         """`ab/cd/abcdef0123456789.dcm`: spreads files evenly, never uses peer text as a path."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +22,11 @@ import trio
 from appliance import __version__, metrics
 from appliance.log import get_logger
 from appliance.outbox import Outbox
-from appliance.state import StatePaths
+from appliance.state import StatePaths, in_use
 from appliance.storage.index import IndexReader
+from appliance.storage.space import DiskFloor, Space, free_bytes
 from appliance.storage.store import InstanceStore
+from appliance.supervisor import Criticality
 from appliance.worklist.store import WorklistStore
 
 log = get_logger("status")
@@ -53,12 +54,13 @@ class StatusReporter:
     disk) is logged and tried again: status is a side-matter and never stops the clinic."""
 
     name = "status"
+    criticality = Criticality.AUXILIARY
 
     def __init__(
         self,
         paths: StatePaths,
         metrics_file: Path,
-        floor_bytes: int,
+        floor: DiskFloor,
         *,
         store: InstanceStore,
         outbox: Outbox,
@@ -71,7 +73,7 @@ class StatusReporter:
     ) -> None:
         self._paths = paths
         self._metrics_file = metrics_file
-        self._floor = floor_bytes
+        self._floor = floor
         self._store = store
         self._outbox = outbox
         self._servers = servers
@@ -105,6 +107,7 @@ class StatusReporter:
             "associations": sum(server.active_associations() for server in servers.values()),
             "pipeline": self._pipeline.statistics(),
             "relay": self._relay_statistics(),
+            "disk_refusals": self._floor.statistics(),
         }
 
     async def health(self) -> dict[str, Any]:
@@ -113,17 +116,21 @@ class StatusReporter:
         for name, server in self._servers().items():
             port = server.bound_port if server else None
             checks[f"{name}_port"] = await _accepts(self._host, port)
-        free = await trio.to_thread.run_sync(self._store.free_bytes)
-        checks["disk"] = {"ok": free > self._floor, "free_bytes": free, "floor_bytes": self._floor}
+        space = await trio.to_thread.run_sync(self._floor.measure)
+        checks["disk"] = space.as_dict() | self._floor.statistics()
         undelivered, oldest = await trio.to_thread.run_sync(self._outbox.undelivered)
         checks["outbox"] = {"undelivered": undelivered, "oldest_undelivered": oldest}
         checks["last_image_received"] = await self._store.read(self._store.index.last_received)
         checks["relay"] = self._relay_statistics() or {"enabled": False}
         checks["pipeline"] = self._pipeline.statistics()
         checks["studies"] = self._studies.statistics()
+        services = {name: attrs.asdict(state) for name, state in self._services().items()}
+        checks["services"] = services
         healthy = checks["storage_port"] and checks["worklist_port"] and checks["disk"]["ok"]
         return {
             "healthy": bool(healthy),
+            # Side-matters failing while DICOM serves: the clinic images, someone should look.
+            "degraded": sorted(name for name, state in services.items() if state["degraded"]),
             "version": __version__,
             "uptime": round(time.time() - self.started_at),
             "checks": checks,
@@ -131,7 +138,7 @@ class StatusReporter:
 
     def _write(self, snapshot: dict[str, Any]) -> None:
         write(self._paths, snapshot)
-        live = read(self._paths, self._floor, self._store, self._outbox)
+        live = read(self._paths, self._floor.floor_bytes, self._store, self._outbox)
         metrics.write_textfile(self._metrics_file, metrics.METRICS.render(metrics.gauges(live)))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -141,6 +148,7 @@ class StatusReporter:
             try:
                 await trio.to_thread.run_sync(self._write, self.snapshot())
             except Exception as exc:  # a full disk, a database error: status is a side-matter
+                metrics.METRICS.inc("status_write_failures_total")
                 if not self._failing:
                     log.error(
                         "status.write_failed",
@@ -193,23 +201,28 @@ def read(
         except ValueError:  # being replaced as we read: treat as absent
             snapshot = {}
     age = time.time() - snapshot.get("written_at", 0)
-    running = bool(snapshot) and age < STALE_AFTER and _alive(int(snapshot.get("pid", 0)))
+    alive = bool(snapshot) and _alive(int(snapshot.get("pid", 0)))
+    fresh = age < STALE_AFTER
+    # A process alive and holding the state directory runs even when its status file could
+    # not be refreshed (a full disk): say so rather than "not running".
+    running = alive and (fresh or in_use(paths))
     today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT00:00:00")
     if store is None or outbox is None:
         store = InstanceStore(paths)
         outbox = Outbox({"worklist": WorklistStore(paths).database, "images": store.database})
     summary = store.reader.summary(today) if store.database.exists else IndexReader.empty_summary()
     undelivered, oldest = outbox.undelivered()
-    free = shutil.disk_usage(paths.state_dir).free if paths.state_dir.exists() else 0
+    space = Space(free_bytes(paths.state_dir) if paths.state_dir.exists() else 0, min_free_bytes)
     return {
         "running": running,
         "status_age_s": round(age, 1) if snapshot else None,
+        "status_stale": bool(snapshot) and not fresh,
         **{k: v for k, v in snapshot.items() if k not in ("written_at",)},
         "images_today": summary["images_today"],
         "pipeline_backlog": summary["pipeline_backlog"],
         "open_studies": summary["open_studies"],
         "outbox": {"undelivered": undelivered, "oldest_undelivered": oldest},
-        "disk": {"free_bytes": free, "floor_bytes": min_free_bytes, "ok": free > min_free_bytes},
+        "disk": space.as_dict(),
     }
 
 
@@ -222,12 +235,16 @@ def render(status: dict[str, Any]) -> str:
             else ""
         )
     ]
-    if not status["running"] and status.get("status_age_s") is not None:
-        lines.append(f"  (services as last reported, {status['status_age_s']:.0f} s ago)")
+    if status.get("status_stale") and status.get("status_age_s") is not None:
+        why = " (writing it fails: see status.write_failed)" if status["running"] else ""
+        lines.append(f"  (services as last reported, {status['status_age_s']:.0f} s ago{why})")
     for name, service in sorted(status.get("services", {}).items()):
         restarts = f", {service['restarts']} restarts" if service.get("restarts") else ""
-        error = f" - last error: {service['last_error']}" if service.get("last_error") else ""
-        lines.append(f"  {name:22} {service['state']}{restarts}{error}")
+        error = ""
+        if service.get("last_error"):
+            error = f" - last error ({service.get('last_phase') or 'run'}): {service['last_error']}"
+        shown = "DEGRADED" if service.get("degraded") else service["state"]
+        lines.append(f"  {name:22} {shown}{restarts}{error}")
     ports = status.get("ports", {})
     if ports:
         lines.append("ports: " + ", ".join(f"{k} {v}" for k, v in sorted(ports.items())))
@@ -250,9 +267,18 @@ def render(status: dict[str, Any]) -> str:
             f"sender {'connected' if sender.get('connected') else 'idle/down'}, "
             f"failures by phase {failures}"
         )
+        for client, stats in (("listener", listener), ("sender", sender)):
+            if stats.get("misconfigured"):
+                lines.append(f"relay {client} MISCONFIGURED: {stats['misconfigured']}")
     disk = status["disk"]
+    refusals = status.get("disk_refusals") or {}
     lines.append(
-        f"disk: {disk['free_bytes'] / 1e9:.1f} GB free"
-        + ("" if disk["ok"] else " - BELOW THE FLOOR: C-STORE is refused")
+        f"disk: {disk['free_bytes'] / 1e9:.2f} GB free, floor {disk['floor_bytes'] / 1e9:.2f} GB"
+        + (
+            f": objects over {disk['headroom_bytes'] / 1e6:.0f} MB are refused"
+            if disk["ok"]
+            else " - BELOW THE FLOOR: every C-STORE is refused (0xA700)"
+        )
+        + (f"; {refusals['refusals']} refused for space" if refusals.get("refusals") else "")
     )
     return "\n".join(lines)

@@ -1,15 +1,24 @@
 """One Trio nursery supervising every long-running service, with restart policies.
 
-A service is any object with a ``name`` and ``async def run(self, *, task_status)`` that calls
-``task_status.started()`` once it is really serving and then runs until cancelled. A crash is
-logged with its traceback and the service alone restarts after a backoff; siblings are untouched.
-More crashes than the policy allows within its window re-raises ``RestartBudgetExceeded``, which
-cancels everything: the process exits non-zero and systemd restarts it.
+A service is any object with a ``name``, a ``criticality`` and ``async def run(self, *,
+task_status)`` that calls ``task_status.started()`` once it is really serving and then runs until
+cancelled. A crash restarts the service alone after a backoff; siblings are untouched. What more
+crashes mean is the service's declared criticality:
+
+- ESSENTIAL (the DICOM servers and what they cannot work without): more crashes than the policy
+  allows within its window re-raise ``RestartBudgetExceeded``, which cancels everything: the
+  process exits non-zero and systemd restarts it (a fresh process may cure what a restart did not).
+- AUXILIARY (relay, image pipeline, housekeepers, status, control socket): restarts for ever with
+  the capped backoff and never takes the process down. While it keeps failing it is *degraded*:
+  `appliance status` and `health` show it with its last error and phase, the
+  service_failures_total metric counts each failure, and the log has one event per change of
+  state (``service.degraded``, ``service.recovered``), not one per retry.
 """
 
 from __future__ import annotations
 
 import collections
+import enum
 import time
 from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
@@ -20,6 +29,7 @@ from attrs import frozen
 
 from appliance import errors
 from appliance.log import get_logger
+from appliance.metrics import METRICS
 from appliance.sdnotify import Notifier
 
 log = get_logger("supervisor")
@@ -28,8 +38,14 @@ log = get_logger("supervisor")
 STATUS_INTERVAL = 5.0
 
 
+class Criticality(enum.Enum):
+    ESSENTIAL = "essential"  # the clinic cannot image without it: escalates past its budget
+    AUXILIARY = "auxiliary"  # a side-matter: restarts for ever, shown degraded meanwhile
+
+
 class Service(Protocol):
     name: str
+    criticality: Criticality
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -60,17 +76,34 @@ class ServiceReturned(Exception):
     """A service's run() returned although services run until cancelled."""
 
 
+State = Literal["starting", "up", "restarting"]
+
+
 @attrs.define
 class ServiceState:
     name: str
-    state: Literal["starting", "up", "restarting"] = "starting"
+    criticality: str
+    state: State = "starting"
     since: float = attrs.field(factory=time.time)
     restarts: int = 0
+    failures: int = 0
     last_error: str | None = None
+    #: Where the last failure happened: the exception's ``phase`` attribute, or "run".
+    last_phase: str | None = None
+    #: Failing and not yet stable again (up for a whole window since the last failure).
+    degraded: bool = False
 
-    def enter(self, state: Literal["starting", "up", "restarting"]) -> None:
+    def enter(self, state: State) -> None:
         self.state = state
         self.since = time.time()
+
+
+def phase_of(exc: BaseException) -> str:
+    for leaf in errors.leaves(exc):
+        phase = getattr(leaf, "phase", None)
+        if isinstance(phase, str):
+            return phase
+    return "run"
 
 
 class Supervisor:
@@ -83,7 +116,10 @@ class Supervisor:
         self._services = services
         self._notifier = notifier
         self._describe = describe
-        self._states = {service.name: ServiceState(service.name) for service, _ in services}
+        self._states = {
+            service.name: ServiceState(service.name, service.criticality.value)
+            for service, _ in services
+        }
         self._ready = False
 
     def statistics(self) -> dict[str, ServiceState]:
@@ -94,7 +130,8 @@ class Supervisor:
         parts = []
         for state in self._states.values():
             note = f" x{state.restarts}" if state.restarts else ""
-            parts.append(f"{state.name}={state.state}{note}")
+            degraded = "/degraded" if state.degraded else ""
+            parts.append(f"{state.name}={state.state}{degraded}{note}")
         extra = self._describe()
         head = "ready" if self._ready else "starting"
         return f"{head}: {' '.join(parts)}" + (f"; {extra}" if extra else "")
@@ -129,33 +166,61 @@ class Supervisor:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         state = self._states[service.name]
+        essential = service.criticality is Criticality.ESSENTIAL
         failures: collections.deque[float] = collections.deque()
         first_start = True
         while True:
             state.enter("starting")
             try:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(service.run)
+                    await nursery.start(self._serve, service)
                     state.enter("up")
                     self._notifier.status(self.summary())
                     if first_start:
                         first_start = False
                         task_status.started()
-                raise ServiceReturned(f"{service.name}.run() returned")
+                    if state.degraded:
+                        nursery.start_soon(self._settle, state, policy.window)
             except Exception as exc:
                 now = trio.current_time()
                 failures.append(now)
                 while failures[0] <= now - policy.window:
                     failures.popleft()
-                state.last_error = errors.describe(exc)
-                if len(failures) > policy.max_restarts:
-                    log.exception(
-                        "service.gave_up", service_name=service.name, failures=len(failures)
-                    )
+                state.failures += 1
+                state.last_error = errors.describe(exc)[:500]
+                state.last_phase = phase_of(exc)
+                METRICS.inc("service_failures_total", service=service.name)
+                fields = {"service_name": service.name, "phase": state.last_phase}
+                if essential and len(failures) > policy.max_restarts:
+                    log.exception("service.gave_up", failures=len(failures), **fields)
                     raise RestartBudgetExceeded(service.name, len(failures), policy.window) from exc
                 delay = policy.backoff(len(failures))
-                log.exception("service.crashed", service_name=service.name, restart_in_s=delay)
+                if essential:
+                    log.exception("service.crashed", restart_in_s=delay, **fields)
+                elif not state.degraded:
+                    log.exception("service.degraded", restart_in_s=delay, **fields)
+                else:  # still failing: counted, shown in status, not logged again
+                    log.debug("service.crashed", restart_in_s=delay, **fields)
+                state.degraded = True
                 state.enter("restarting")
                 self._notifier.status(self.summary())
+                if first_start and not essential:
+                    # A side-matter that cannot start does not hold the clinic's service back.
+                    first_start = False
+                    task_status.started()
                 await trio.sleep(delay)
                 state.restarts += 1
+
+    @staticmethod
+    async def _serve(
+        service: Service, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        await service.run(task_status=task_status)
+        raise ServiceReturned(f"{service.name}.run() returned")
+
+    async def _settle(self, state: ServiceState, window: float) -> None:
+        """Up for a whole window after failing: no longer degraded."""
+        await trio.sleep(window)
+        state.degraded = False
+        log.info("service.recovered", service_name=state.name, failures=state.failures)
+        self._notifier.status(self.summary())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -219,3 +220,78 @@ def index_rows(state_dir: Path, table: str = "stored_instances") -> list[dict[st
     with sqlite3.connect(f"file:{state_dir / 'pacs.db'}?mode=ro", uri=True) as db:
         db.row_factory = sqlite3.Row
         return [dict(row) for row in db.execute(f"SELECT * FROM {table}")]
+
+
+# --- real filesystems for fault tests (root: loop devices) --------------------------------------
+
+
+class SmallDisk:
+    """A loop-mounted ext4 image of `size_mb`, with no blocks reserved for root (so a filler
+    can take it to 0 bytes free for every writer); removed on exit."""
+
+    def __init__(self, directory: Path, size_mb: int) -> None:
+        self.image = directory / "small-disk.img"
+        self.mount = directory / "small-disk"
+        self.size_mb = size_mb
+        self._fillers: list[Path] = []
+
+    def __enter__(self) -> SmallDisk:
+        if os.geteuid() != 0:
+            raise RuntimeError("a loop-mounted filesystem needs root (.ci/run runs as root)")
+        self.image.parent.mkdir(parents=True, exist_ok=True)
+        with self.image.open("wb") as image:
+            image.truncate(self.size_mb * 1024 * 1024)
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-m", "0", "-b", "4096", str(self.image)], check=True
+        )
+        self.mount.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-o", "loop", str(self.image), str(self.mount)], check=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["umount", "-l", str(self.mount)], check=False)
+        self.image.unlink(missing_ok=True)
+
+    def free_bytes(self) -> int:
+        found = os.statvfs(self.mount)
+        return found.f_bavail * found.f_frsize
+
+    def fill(self, leave_bytes: int = 0) -> None:
+        """Another writer takes the space, leaving `leave_bytes` (0: until ENOSPC)."""
+        for chunk in (1 << 20, 1 << 12):
+            path = self.mount / f"filler-{len(self._fillers)}"
+            self._fillers.append(path)
+            with path.open("wb", buffering=0) as out:
+                try:
+                    while self.free_bytes() - chunk >= leave_bytes:
+                        out.write(b"\xff" * chunk)
+                except OSError:
+                    pass  # ENOSPC: this chunk size is done
+                with contextlib.suppress(OSError):
+                    os.fsync(out.fileno())
+
+    def free(self) -> None:
+        """The operator deletes the filler."""
+        for path in self._fillers:
+            path.unlink(missing_ok=True)
+        self._fillers.clear()
+        os.sync()
+
+
+def large_object(path: Path, pixel_bytes: int) -> Path:
+    """A breast tomosynthesis object with `pixel_bytes` of (sparse, zero) pixel data, written in
+    seconds: the header from the synthetic generator, then Pixel Data's element header, then
+    a hole. What matters to a receive is its size, not its pixels."""
+    from appliance.testing import synthetic
+
+    frame = 1024 * 1024 * 2
+    frames = max(pixel_bytes // frame, 2)
+    ds = synthetic.mammogram(shape=(1024, 1024), frames=frames)
+    del ds.PixelData
+    ds.save_as(path, enforce_file_format=True)
+    length = frames * frame
+    with path.open("r+b") as out:
+        out.seek(0, os.SEEK_END)
+        out.write(b"\xe0\x7f\x10\x00OW\x00\x00" + length.to_bytes(4, "little"))
+        out.truncate(out.tell() + length)
+    return path

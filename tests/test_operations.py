@@ -35,8 +35,8 @@ async def status(config) -> dict:
     return json.loads(result.stdout)
 
 
-async def status_until(config, condition) -> dict:
-    with trio.fail_after(30):
+async def status_until(config, condition, within: float = 30) -> dict:
+    with trio.fail_after(within):
         while True:
             found = await status(config)
             if condition(found):
@@ -80,21 +80,27 @@ async def test_status_json_follows_a_restart_a_backlog_and_a_stopped_relay(tmp_p
     try:
         await trio.to_thread.run_sync(app.wait_ready)
         await wait_until(lambda: ("missing", "actions") in relay.emulator.refusals)
-        relay.emulator.missing.clear()  # an operator fixes the hybrid connection
-        restarted = await status_until(
-            config,
-            lambda s: (
-                s["services"]["relay-listener"]["restarts"] >= 1
-                and s["services"]["relay-listener"]["state"] == "up"
-                and s["relay"]["listener"]["connected"]
-            ),
-        )
-        assert "HybridConnectionMissing" in restarted["services"]["relay-listener"]["last_error"]
-
+        # A deleted hybrid connection is a loud, lasting state, not an exit: DICOM stores on.
+        broken = await status_until(config, lambda s: bool(s["relay"]["listener"]["misconfigured"]))
+        assert "HTTP 404" in broken["relay"]["listener"]["misconfigured"]
+        human = await trio.to_thread.run_sync(cli, config, "status")
+        assert "relay listener MISCONFIGURED: HTTP 404" in human.stdout
         image = tmp_path / "one.dcm"
         synthetic.mammogram(shape=(96, 80)).save_as(image, enforce_file_format=True)
         [stored] = await trio.to_thread.run_sync(send_files, app.ports["storage"], [image])
         assert stored.Status == 0
+        await trio.sleep(3)  # several listen attempts later: still one event, still no restart
+        assert app.log().count("event=relay.misconfigured") == 1
+        relay.emulator.missing.clear()  # an operator recreates the hybrid connection
+        fixed = await status_until(
+            config,
+            lambda s: (
+                s["relay"]["listener"]["connected"] and not s["relay"]["listener"]["misconfigured"]
+            ),
+            within=60,
+        )
+        assert fixed["services"]["relay-listener"]["restarts"] == 0
+        assert "event=relay.configured" in app.log()
         # Nobody listens on the events connection: the image's event waits, and status says so.
         backlog = await status_until(config, lambda s: s["outbox"]["undelivered"] >= 1)
         assert backlog["outbox"]["oldest_undelivered"]

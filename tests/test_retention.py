@@ -12,6 +12,7 @@ from appliance.state import StatePaths
 from appliance.storage.files import hash_and_sync
 from appliance.storage.recovery import recover
 from appliance.storage.retention import StorageHousekeeper
+from appliance.storage.space import DiskFloor
 from appliance.storage.store import InstanceStore, describe
 from appliance.testing import synthetic
 
@@ -57,7 +58,9 @@ async def stored(store: InstanceStore, tmp_path, name: str, *, acked: bool) -> s
 
 def housekeeper(store, **config) -> StorageHousekeeper:
     settings = RetentionConfig(**({"keep_days": 30, "safety_days": 7} | config))
-    return StorageHousekeeper(store, settings, 0, now=lambda: LATER)
+    return StorageHousekeeper(
+        store, settings, DiskFloor(store.layout.state_dir, 0), now=lambda: LATER
+    )
 
 
 def files_of(store: InstanceStore, uid: str) -> list:
@@ -89,7 +92,7 @@ async def test_nothing_younger_than_the_safety_window_even_with_keep_days_zero_p
     keeper = StorageHousekeeper(
         store,
         RetentionConfig(keep_days=0.1, safety_days=7),
-        0,
+        DiskFloor(store.layout.state_dir, 0),
         now=lambda: datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=6),
     )
     assert (await keeper.retention_pass()).deleted == 0
@@ -142,7 +145,9 @@ async def test_checkpoints_fold_both_write_ahead_logs_back(store, tmp_path):
             await stored(store, tmp_path, f"wal{n}", acked=False)
         wal = store.layout.state_dir / "pacs.db-wal"
         assert wal.stat().st_size > 0
-        keeper = StorageHousekeeper(store, RetentionConfig(), 0, worklist=worklist)
+        keeper = StorageHousekeeper(
+            store, RetentionConfig(), DiskFloor(store.layout.state_dir, 0), worklist=worklist
+        )
         await keeper.checkpoint()
         assert wal.stat().st_size == 0
         assert (tmp_path / "state" / "worklist.db-wal").stat().st_size == 0
@@ -152,12 +157,13 @@ async def test_checkpoints_fold_both_write_ahead_logs_back(store, tmp_path):
 
 async def test_the_disk_floor_alarm_is_raised_once_and_cleared(store, caplog):
     caplog.set_level("INFO", logger="appliance")
-    below = StorageHousekeeper(store, RetentionConfig(), floor_bytes=1 << 62)
+    floor = DiskFloor(store.layout.state_dir, 1 << 62)
+    below = StorageHousekeeper(store, RetentionConfig(), floor)
     below.check_disk()
     below.check_disk()
     assert below.below_floor is True
     assert [r.getMessage() for r in caplog.records].count("disk.below_floor") == 1
-    below._floor = 0  # space came back (here: the floor went)
+    floor.floor_bytes = 0  # space came back (here: the floor went)
     below.check_disk()
     assert below.below_floor is False
     assert "disk.recovered" in [r.getMessage() for r in caplog.records]

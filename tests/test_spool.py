@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.storage.spool import SpoolFile, sweep
+from appliance.storage.space import DiskFloor, free_bytes
+from appliance.storage.spool import Shortfall, SpoolFile, sweep
 
 
 def test_spool_file_hashes_what_was_written_across_writeback_boundaries(tmp_path):
@@ -26,17 +27,50 @@ def test_spool_file_hashes_what_was_written_across_writeback_boundaries(tmp_path
     assert Path(spool.name).read_bytes() == data
 
 
-def test_failed_write_leaves_no_spool_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("error", "kind"), [(errno.ENOSPC, Shortfall.SPACE), (errno.EIO, Shortfall.IO)]
+)
+def test_a_failed_write_keeps_nothing_and_never_raises_into_the_receive(
+    tmp_path, monkeypatch, error, kind
+):
     spool = SpoolFile(tmp_path, "rx-")
     spool.write(b"partial")
 
-    def disk_full(fd: int, data: bytes) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def failing(fd: int, data: bytes) -> int:
+        raise OSError(error, os.strerror(error))
 
-    monkeypatch.setattr(os, "write", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        spool.write(b"more")
+    monkeypatch.setattr(os, "write", failing)
+    assert spool.write(b"more") == 4  # pynetdicom's reader thread must not die of it
+    assert spool.write(b"the rest of the dataset") == 23
+    assert spool.failure is not None
+    assert (spool.failure.kind, spool.failure.phase) == (kind, "spool-write")
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError, match="discarded"):
+        spool.sync()  # nothing to acknowledge
+
+
+def test_the_floor_stops_a_receive_before_free_space_falls_below_it(tmp_path):
+    free = free_bytes(tmp_path)
+    # The floor sits 10 MiB under what is free now: the 11th MiB would cross it.
+    spool = SpoolFile(tmp_path, "rx-", floor=DiskFloor(tmp_path, free - 10 * 1024 * 1024))
+    chunk = b"\0" * (1024 * 1024)
+    written = 0
+    while spool.failure is None and written < 64:
+        spool.write(chunk)
+        written += 1
+    assert spool.failure is not None
+    assert (spool.failure.kind, spool.failure.phase) == (Shortfall.SPACE, "disk-floor")
+    assert 9 <= written <= 11
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_spool_that_cannot_be_created_is_a_failure_not_an_exception(tmp_path):
+    missing = tmp_path / "gone"
+    spool = SpoolFile(missing, "rx-")
+    assert spool.failure is not None
+    assert spool.failure.phase == "spool-create"
+    assert spool.write(b"data") == 4
+    spool.close()
 
 
 def test_sweep_removes_only_abandoned_spool_files(tmp_path):

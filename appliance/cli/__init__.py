@@ -45,7 +45,7 @@ def _test_unit() -> Callable[..., Any] | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from appliance.app import serve
+    from appliance.app import Appliance, serve
     from appliance.sdnotify import Notifier
     from appliance.supervisor import RestartBudgetExceeded
 
@@ -53,9 +53,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     config_module.effective(config)  # secrets readable now, or exit 2 naming the key
     log.configure(config.log.level, config.log.format)
     notifier = Notifier()
+    appliance = Appliance(config, notifier, test_unit=_test_unit())
     status = 0
     try:
-        trio.run(serve, config, notifier, _test_unit())
+        trio.run(serve, appliance)
     except* RestartBudgetExceeded as group:
         for exc in errors.leaves(group):
             service = exc.service if isinstance(exc, RestartBudgetExceeded) else None
@@ -64,9 +65,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         status = 1
     except* Exception as group:
-        # Anything else escaping the supervisor is a startup failure (state dir, index, ...).
+        # Startup (state dir, databases, recovery, binding the ports) or anything at run time
+        # that escaped the supervisor: the phase says which.
         log.get_logger("appliance").exception(
-            "appliance.failed", phase="startup", error=errors.describe(group)
+            "appliance.failed", phase=appliance.phase, error=errors.describe(group)
         )
         status = 1
     finally:

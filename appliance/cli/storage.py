@@ -11,6 +11,7 @@ from appliance.cli.offline import Refused, load, offline, say
 from appliance.state import StatePaths, in_use
 from appliance.storage.recovery import ProgressPrinter, RecoveryReport, recover
 from appliance.storage.retention import RetentionReport, StorageHousekeeper
+from appliance.storage.space import DiskFloor
 from appliance.storage.store import InstanceStore
 
 
@@ -78,7 +79,8 @@ def cmd_retention(args: argparse.Namespace) -> int:
             " use --dry-run to see what it would delete"
         )
     store = InstanceStore(paths)
-    housekeeper = StorageHousekeeper(store, config.retention, 0)
+    floor = DiskFloor(paths.state_dir, config.dicom.storage.min_free_mb * 1024 * 1024)
+    housekeeper = StorageHousekeeper(store, config.retention, floor)
     printer = ProgressPrinter(lambda line: say(line.replace("fsck: ", "")))
     run_pass = partial(housekeeper.retention_pass, args.dry_run, printer)
     if args.dry_run:

@@ -22,18 +22,20 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.transport import AssociationSocket
 
 from appliance.dicom.statuses import PENDING
+from appliance.storage.space import DiskFloor
 from appliance.storage.spool import SpoolFile
 
 #: Spool file names start with this; recovery deletes any such file left by a crash.
 SPOOL_PREFIX = "rx-"
 
 
-def configure(spool_dir: Path) -> None:
+def configure(spool_dir: Path, floor: DiskFloor | None = None) -> None:
     """Stream each C-STORE dataset into a SpoolFile in `spool_dir` as it arrives.
 
     pynetdicom would create a NamedTemporaryFile in the system temp dir; we substitute a
     SpoolFile in the appliance's spool (same filesystem as storage/, so the final link is
-    atomic) that hashes and starts writeback while the dataset is still arriving.
+    atomic) that hashes, starts writeback and watches the disk floor while the dataset is
+    still arriving.
     """
     _config.STORE_RECV_CHUNKED_DATASET = True
     # pynetdicom's standard event logging narrates every PDU and dumps identifiers (patient
@@ -44,7 +46,7 @@ def configure(spool_dir: Path) -> None:
     _config.LOG_RESPONSE_IDENTIFIERS = False
 
     def spool_file(*, delete: bool, mode: str, suffix: str) -> SpoolFile:
-        return SpoolFile(spool_dir, SPOOL_PREFIX, suffix)
+        return SpoolFile(spool_dir, SPOOL_PREFIX, suffix, floor)
 
     dimse_messages.NamedTemporaryFile = spool_file  # type: ignore[attr-defined,assignment]
     if not getattr(Association.send_c_store, "sends_stored_files", False):

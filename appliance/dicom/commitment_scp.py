@@ -39,6 +39,7 @@ from appliance.dicom.statuses import (
 from appliance.log import get_logger
 from appliance.storage.files import file_sha256
 from appliance.storage.store import InstanceStore
+from appliance.supervisor import Criticality
 
 log = get_logger("commitment-scp")
 
@@ -66,6 +67,7 @@ class StorageCommitmentSCP:
     """The N-ACTION handler (association threads) and the supervised service that reports."""
 
     name = "commitment-reports"
+    criticality = Criticality.ESSENTIAL
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from appliance.config import DicomConfig
 from appliance.log import get_logger
 from appliance.metrics import METRICS
+from appliance.supervisor import Criticality
 
 log = get_logger("dicom")
 
@@ -76,6 +77,8 @@ _ASSOCIATION_EVENTS: list[Handler] = [
 
 class DicomServer:
     """Serves one AE title on one port; handlers decide what the services do."""
+
+    criticality = Criticality.ESSENTIAL
 
     def __init__(
         self,

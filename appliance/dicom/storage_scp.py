@@ -2,14 +2,16 @@
 
 Success (0x0000) is returned only after the file is fsynced, linked into its hash path, the
 directory fsynced and the index row committed. Every failure answers a DICOM status with an
-Error Comment; the spool file is then deleted by pynetdicom, so nothing partial remains.
+Error Comment naming its phase (0xA700 for space: the floor, ENOSPC, a full database; 0x0110
+for I/O errors); the spool file is then deleted, so nothing partial remains, and the
+association stays usable.
 """
 
 from __future__ import annotations
 
-import errno
+import sqlite3
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from pydicom import Dataset
 from pydicom.uid import (
@@ -37,6 +39,8 @@ from appliance.dicom.server import Contexts, Handler
 from appliance.dicom.statuses import status
 from appliance.log import get_logger
 from appliance.metrics import METRICS
+from appliance.storage.space import DiskFloor
+from appliance.storage.spool import NO_SPACE, Shortfall
 from appliance.storage.store import InstanceStore, InvalidInstance, Outcome, Problem, describe
 
 log = get_logger("storage-scp")
@@ -66,16 +70,19 @@ PROBLEM_STATUS = {
     Problem.INCONSISTENT: statuses.DATASET_MISMATCH,
 }
 
+#: sqlite3's primary result code for "database or disk is full".
+SQLITE_FULL = 13
+
 STORAGE_CONTEXTS: Contexts = [
     (str(cx.abstract_syntax), TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts
 ]
 
 
 class StorageSCP:
-    def __init__(self, store: InstanceStore, door: TrioDoor, min_free_bytes: int) -> None:
+    def __init__(self, store: InstanceStore, door: TrioDoor, floor: DiskFloor) -> None:
         self._store = store
         self._door = door
-        self._min_free_bytes = min_free_bytes
+        self._floor = floor
 
     def handlers(self) -> list[Handler]:
         return [(evt.EVT_C_STORE, self.handle_store)]
@@ -85,7 +92,14 @@ class StorageSCP:
         METRICS.inc("c_store_total", status=f"0x{statuses.code_of(result):04X}")
         return result
 
+    def _no_space(self, phase: str, context: dict[str, Any], **fields: Any) -> Dataset:
+        self._floor.refused()
+        log.warning("instance.refused", phase=phase, **fields, **context)
+        floor_mb = self._floor.floor_bytes // (1024 * 1024)
+        return status(statuses.OUT_OF_RESOURCES, f"Out of disk space (floor {floor_mb} MB)")
+
     def _store_one(self, event: evt.Event) -> int | Dataset:
+        spool = received_spool_file(event)
         spooled = Path(event.dataset_path)
         requestor = event.assoc.requestor
         request = cast(C_STORE, event.request)
@@ -94,12 +108,22 @@ class StorageSCP:
             "calling_ae": requestor.ae_title,
             "address": requestor.address,
         }
+        if spool.failure is not None:  # the dataset was not kept while it arrived
+            failure = spool.failure
+            if failure.kind is Shortfall.SPACE:
+                return self._no_space(failure.phase, context, error=failure.reason)
+            log.error("instance.failed", phase=failure.phase, error=failure.reason, **context)
+            return status(
+                statuses.PROCESSING_FAILURE, f"I/O error ({failure.phase}): {failure.reason}"
+            )
+        phase = "disk-floor"
         try:
-            free = self._store.free_bytes()
-            if free < self._min_free_bytes:
-                log.warning("instance.refused", phase="disk-floor", free_bytes=free, **context)
-                return status(statuses.OUT_OF_RESOURCES, "Disk space below the configured floor")
-            storage_hash, size = received_spool_file(event).sync()
+            space = self._floor.measure()
+            if not space.ok:
+                return self._no_space(phase, context, free_bytes=space.free_bytes)
+            phase = "spool-fsync"
+            storage_hash, size = spool.sync()
+            phase = "validate"
             instance = describe(
                 spooled,
                 storage_hash=storage_hash,
@@ -110,6 +134,7 @@ class StorageSCP:
                 source_aet=requestor.ae_title,
                 source_address=requestor.address,
             )
+            phase = "commit"
             outcome = self._door.run(self._store.commit, spooled, instance)
         except InvalidInstance as exc:
             log.warning("instance.rejected", phase="validate", reason=exc.reason, **context)
@@ -118,13 +143,18 @@ class StorageSCP:
             log.warning("instance.refused", phase="shutdown", **context)
             return status(statuses.OUT_OF_RESOURCES, "Gateway is restarting; send again")
         except OSError as exc:
-            log.exception("instance.failed", phase="store", **context)
-            if exc.errno == errno.ENOSPC:
-                return status(statuses.OUT_OF_RESOURCES, "Disk full")
-            return status(statuses.PROCESSING_FAILURE, f"Storage error: {exc.strerror}")
+            if exc.errno in NO_SPACE:
+                return self._no_space(phase, context, error=exc.strerror)
+            log.error("instance.failed", phase=phase, error=f"{exc.strerror or exc}", **context)
+            return status(statuses.PROCESSING_FAILURE, f"I/O error ({phase}): {exc.strerror}")
+        except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF == SQLITE_FULL:
+                return self._no_space("index-write", context, error=str(exc))
+            log.error("instance.failed", phase="index-write", error=str(exc), **context)
+            return status(statuses.PROCESSING_FAILURE, f"Index write failed: {exc}")
         except Exception:
-            log.exception("instance.failed", phase="store", **context)
-            return status(statuses.PROCESSING_FAILURE, "Internal error while storing")
+            log.exception("instance.failed", phase=phase, **context)
+            return status(statuses.PROCESSING_FAILURE, f"Internal error ({phase})")
         log.info(
             "instance.stored",
             outcome=outcome.value,

@@ -28,6 +28,7 @@ from appliance.pipeline.render import RenderError, Rendition, render
 from appliance.storage.files import ensure_directory
 from appliance.storage.index import StoredInstance
 from appliance.storage.store import InstanceStore
+from appliance.supervisor import Criticality
 from appliance.worklist.store import WorklistStore
 
 log = get_logger("pipeline")
@@ -57,12 +58,18 @@ def _render_in_background(source: Path, renditions: list[Rendition]) -> list[byt
 def _write_atomically(path: Path, data: bytes) -> None:
     ensure_directory(path.parent)
     partial = path.with_suffix(path.suffix + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise
 
 
 class ImagePipeline:
     name = "image-pipeline"
+    criticality = Criticality.AUXILIARY
 
     def __init__(
         self,
@@ -86,9 +93,15 @@ class ImagePipeline:
             Rendition(config.preview_height, config.preview_quality),
         ]
         self.processed = 0
+        #: Why recording outcomes currently fails, or None.
+        self.failing: str | None = None
 
-    def statistics(self) -> dict[str, int]:
-        return {"in_flight": len(self._in_flight), "processed": self.processed}
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "in_flight": len(self._in_flight),
+            "processed": self.processed,
+            "failing": self.failing,
+        }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         send, receive = trio.open_memory_channel[StoredInstance](self._workers * 2)
@@ -128,6 +141,20 @@ class ImagePipeline:
             async for item in work:
                 try:
                     await self._process(item)
+                except Exception as exc:
+                    # Recording the outcome failed (pacs.db full, I/O error): the instance stays
+                    # pending and the sweep offers it again; logged once until work succeeds.
+                    if self.failing is None:
+                        log.exception(
+                            "pipeline.failing",
+                            phase="record",
+                            sop_instance_uid=item.sop_instance_uid,
+                        )
+                    self.failing = f"record: {type(exc).__name__}: {exc}"[:300]
+                else:
+                    if self.failing is not None:
+                        log.info("pipeline.recovered")
+                    self.failing = None
                 finally:
                     self._in_flight.discard(item.sop_instance_uid)
 
@@ -159,10 +186,16 @@ class ImagePipeline:
         if jpegs is not None:
             stem = item.storage_path.removesuffix(".dcm")
             thumbnail_path, preview_path = f"{stem}.thumb.jpg", f"{stem}.preview.jpg"
-            for relative, data in ((thumbnail_path, jpegs[0]), (preview_path, jpegs[1])):
-                await trio.to_thread.run_sync(
-                    _write_atomically, self._store.layout.derived_file(relative), data
+            try:
+                for relative, data in ((thumbnail_path, jpegs[0]), (preview_path, jpegs[1])):
+                    await trio.to_thread.run_sync(
+                        _write_atomically, self._store.layout.derived_file(relative), data
+                    )
+            except OSError as exc:  # derived/ full, read-only or failing: this image's outcome
+                await self._failed(
+                    item, RenderError("write", exc.strerror or str(exc)), source_message_id
                 )
+                return
             payload["thumbnail"] = base64.b64encode(jpegs[0]).decode("ascii")
         payload["thumbnail_media_type"] = "image/jpeg" if jpegs is not None else None
         await self._store.write(
@@ -190,7 +223,7 @@ class ImagePipeline:
     ) -> None:
         phase = exc.phase if isinstance(exc, RenderError) else "render"
         attempts = item.pipeline_attempts + 1
-        error = f"{phase}: {exc}"[:500]
+        error = (str(exc) if isinstance(exc, RenderError) else f"{phase}: {exc}")[:500]
         log.warning(
             "image.failed",
             phase=phase,

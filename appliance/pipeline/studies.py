@@ -23,6 +23,7 @@ from appliance.config import StudiesConfig
 from appliance.log import get_logger
 from appliance.storage.index import StoredInstance, StudyState
 from appliance.storage.store import InstanceStore
+from appliance.supervisor import Criticality
 from appliance.worklist.store import WorklistStore
 
 log = get_logger("studies")
@@ -38,6 +39,7 @@ def _age(since: str, now: datetime.datetime) -> float:
 
 class StudyTracker:
     name = "study-tracker"
+    criticality = Criticality.AUXILIARY
 
     def __init__(
         self,

@@ -16,10 +16,13 @@ from appliance.log import get_logger
 from appliance.metrics import METRICS
 from appliance.relay.endpoint import RelayEndpoint
 from appliance.relay.websocket import open_websocket
+from appliance.supervisor import Criticality
 
 log = get_logger("relay")
 
 BACKOFF = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
+#: Handshake refusals no retry cures without an operator: no such hybrid connection, wrong key.
+MISCONFIGURED = (401, 403, 404)
 MAX_MESSAGE = 16 * 1024 * 1024
 
 
@@ -31,6 +34,8 @@ def closed_how(exc: ConnectionClosed) -> str:
 
 
 class RelayClient:
+    criticality = Criticality.AUXILIARY
+
     def __init__(
         self,
         *,
@@ -50,6 +55,8 @@ class RelayClient:
         self._attempt = 0
         self.connected = False
         self.failures: collections.Counter[str] = collections.Counter()
+        #: Why the relay refuses this client's configuration (status shows it), or None.
+        self.misconfigured: str | None = None
 
     def _token(self) -> tuple[str, float]:
         return self.endpoint.token(self._clock())
@@ -74,7 +81,17 @@ class RelayClient:
         else:
             self._failed("handshake", f"HTTP {exc.status_code}: {body}")
 
+    def _misconfigured(self, exc: ConnectionRejected) -> None:
+        body = (exc.body or b"").decode("utf-8", "replace")[:200]
+        why = f"HTTP {exc.status_code} on {self._path}: {body or 'refused'}"
+        if self.misconfigured is None:  # one event per change of state, not per retry
+            log.error("relay.misconfigured", client=self.name, phase="handshake", error=why)
+        self.misconfigured = why
+
     def _connected(self) -> None:
+        if self.misconfigured is not None:
+            log.info("relay.configured", client=self.name, path=self._path)
+            self.misconfigured = None
         self.connected = True
         self._attempt = 0
         METRICS.inc("relay_connects_total", client=self.name)

@@ -6,7 +6,9 @@ blocks the next. Liveness is checked by our own pings: no pong within `ping_time
 channel is torn down and reopened, so a half-dead connection is noticed within one interval
 plus the timeout. The token is renewed on the open channel (`renewToken`) before it expires.
 Every failure is logged and counted with its phase: sas-token, connect, handshake,
-control-channel, accept, rendezvous, action.
+control-channel, accept, rendezvous, action. A refused listen handshake (404: the hybrid
+connection does not exist; 401/403: the key is wrong) is a configuration fault: a loud,
+persistent `relay.misconfigured` state, retried on the backoff, never an exit; DICOM goes on.
 """
 
 from __future__ import annotations
@@ -25,15 +27,11 @@ from trio_websocket import (
 )
 
 from appliance.log import get_logger
-from appliance.relay.client import BACKOFF, MAX_MESSAGE, RelayClient, closed_how
+from appliance.relay.client import BACKOFF, MAX_MESSAGE, MISCONFIGURED, RelayClient, closed_how
 from appliance.relay.endpoint import DEFAULT_LIVENESS, Liveness, RelayEndpoint
 from appliance.relay.websocket import open_websocket
 
 log = get_logger("relay")
-
-
-class HybridConnectionMissing(Exception):
-    """404 on the listen handshake: the hybrid connection does not exist (configuration)."""
 
 
 class RelayListener(RelayClient):
@@ -71,6 +69,7 @@ class RelayListener(RelayClient):
             "last_contact": self.last_contact,
             "failures_by_phase": dict(self.failures),
             "accepted": self.accepted,
+            "misconfigured": self.misconfigured,
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -102,8 +101,8 @@ class RelayListener(RelayClient):
                     await self._serve(control, expiry, conversations)
             except ConnectionRejected as exc:
                 self._rejected(exc, not_found="handshake")
-                if exc.status_code == 404:  # no such hybrid connection: configuration
-                    raise HybridConnectionMissing(self._path) from exc
+                if exc.status_code in MISCONFIGURED:  # no such hybrid connection, wrong key
+                    self._misconfigured(exc)
             except ConnectionClosed as exc:
                 self._failed("control-channel", f"closed {closed_how(exc)}")
             except (HandshakeError, OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:

@@ -70,6 +70,7 @@ class RelaySender(RelayClient):
             "sent": self.sent,
             "last_ack": self.last_ack,
             "failures_by_phase": dict(self.failures),
+            "misconfigured": self.misconfigured,
         }
 
     def purge_delivered(self) -> int:
@@ -101,6 +102,8 @@ class RelaySender(RelayClient):
                     await self._deliver(connection)
             except ConnectionRejected as exc:  # 404: no listener on the events connection
                 self._rejected(exc, not_found="connect")
+                if exc.status_code in (401, 403):  # the key is wrong: an operator must act
+                    self._misconfigured(exc)
             except ConnectionClosed as exc:
                 self._failed("send", f"connection closed {closed_how(exc)}")
             except trio.TooSlowError:

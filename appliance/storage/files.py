@@ -52,16 +52,19 @@ def file_sha256(path: Path) -> str:
 
 
 def place(source: Path, target: Path) -> bool:
-    """Move `source` to `target` durably, never replacing an existing file.
-
-    A hard link fails if the target exists (no check-then-rename race); the spool name is then
-    dropped. Returns False, leaving `source` in place, when `target` already exists.
-    """
+    """Link `source` at `target` durably, never replacing an existing file; False when
+    `target` already exists. A hard link fails if the target exists (no check-then-rename
+    race). `source` stays: the caller drops it once the placed file is indexed."""
     ensure_directory(target.parent)
     try:
         os.link(source, target)
     except FileExistsError:
         return False
     fsync_directory(target.parent)
-    source.unlink()
     return True
+
+
+def withdraw(target: Path) -> None:
+    """Undo a `place` durably: the name is gone from disk before the caller answers."""
+    target.unlink(missing_ok=True)
+    fsync_directory(target.parent)

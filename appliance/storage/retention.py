@@ -13,7 +13,6 @@ between leaves a row the next pass finishes, never a file that recovery would re
 from __future__ import annotations
 
 import datetime
-import shutil
 from collections.abc import Callable
 
 import attrs
@@ -22,7 +21,9 @@ import trio
 from appliance.config import RetentionConfig
 from appliance.log import get_logger
 from appliance.storage.index import StoredInstance
+from appliance.storage.space import DiskFloor, Reserve, Space
 from appliance.storage.store import InstanceStore
+from appliance.supervisor import Criticality
 from appliance.worklist.store import WorklistStore
 
 log = get_logger("housekeeping")
@@ -42,19 +43,21 @@ class RetentionReport:
 
 class StorageHousekeeper:
     name = "storage-housekeeping"
+    criticality = Criticality.AUXILIARY
 
     def __init__(
         self,
         store: InstanceStore,
         config: RetentionConfig,
-        floor_bytes: int,
+        floor: DiskFloor,
         now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
         worklist: WorklistStore | None = None,
     ) -> None:
         self._store = store
         self._worklist = worklist
         self._config = config
-        self._floor = floor_bytes
+        self._floor = floor
+        self._reserve = Reserve(store.layout.reserve)
         self._now = now
         self.below_floor = False
         self.last_retention: RetentionReport | None = None
@@ -115,15 +118,17 @@ class StorageHousekeeper:
         await trio.to_thread.run_sync(self._store.unlink_files, instance)
         await self._store.write(index.delete, instance.sop_instance_uid)
 
-    def check_disk(self) -> int:
-        free = shutil.disk_usage(self._store.layout.state_dir).free
-        below = free < self._floor
-        if below and not self.below_floor:
-            log.error("disk.below_floor", phase="disk", free_bytes=free, floor_bytes=self._floor)
-        elif not below and self.below_floor:
-            log.info("disk.recovered", free_bytes=free, floor_bytes=self._floor)
-        self.below_floor = below
-        return free
+    def check_disk(self) -> Space:
+        """The alarm, logged once per crossing of the floor (counted as the refusal counts)."""
+        space = self._floor.measure()
+        if not space.ok and not self.below_floor:
+            log.error("disk.below_floor", phase="disk", **space.as_dict())
+        elif space.ok and self.below_floor:
+            log.info("disk.recovered", **space.as_dict())
+        self.below_floor = not space.ok
+        if self._reserve.replenish(space):
+            log.info("disk.reserve_taken", bytes=self._reserve.size)
+        return space
 
     async def checkpoint(self) -> None:
         """Fold each database's WAL back in, so it does not grow between quiet periods."""

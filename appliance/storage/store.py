@@ -7,11 +7,11 @@ place the file, insert the row — runs in one writer thread at a time via ``com
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import enum
 import functools
 import os
-import shutil
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +26,7 @@ from pydicom.uid import UID
 from appliance import outbox
 from appliance.log import get_logger
 from appliance.state import StatePaths
-from appliance.storage.files import ensure_directory, file_sha256, place
+from appliance.storage.files import ensure_directory, file_sha256, place, withdraw
 from appliance.storage.index import Index, IndexReader, StoredInstance, open_database
 
 log = get_logger("storage")
@@ -183,6 +183,13 @@ def describe(
     )
 
 
+def _drop(spooled: Path) -> None:
+    """The spool name, once its bytes are placed (or not wanted). Failing to remove it must not
+    turn a stored instance into a failure: pynetdicom and the spool sweeper try again."""
+    with contextlib.suppress(OSError):
+        spooled.unlink()
+
+
 class InstanceStore:
     """The one owner of pacs.db (through its Database) and of the files under storage/,
     conflicts/ and derived/."""
@@ -211,9 +218,6 @@ class InstanceStore:
         """pacs.db's events (of one accession), oldest first, on a reader."""
         with self.database.reader() as db:
             return outbox.events_of(db, accession_number)
-
-    def free_bytes(self) -> int:
-        return shutil.disk_usage(self.layout.state_dir).free
 
     async def write(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run an index write in the database's writer thread."""
@@ -269,7 +273,7 @@ class InstanceStore:
             existing = None
         if existing is not None:
             if existing.storage_hash == instance.storage_hash:
-                spooled.unlink()
+                _drop(spooled)
                 return Outcome.DUPLICATE
             return self._keep_aside(spooled, instance)
         target = self.layout.absolute(instance.storage_path)
@@ -278,13 +282,28 @@ class InstanceStore:
             # UID sharing the 64-bit name prefix. Never overwrite; index it only if identical.
             if file_sha256(target) != instance.storage_hash:
                 return self._keep_aside(spooled, instance)
-            spooled.unlink()
-        index.insert(instance)
+            _drop(spooled)
+            index.insert(instance)
+            return Outcome.STORED
+        try:
+            index.insert(instance)
+        except BaseException:
+            # The modality is told this failed, so it must not become stored at the next start
+            # (recovery indexes files without rows): undo the link, durably, before answering.
+            withdraw(target)
+            raise
+        _drop(spooled)
         return Outcome.STORED
 
     def _keep_aside(self, spooled: Path, instance: StoredInstance) -> Outcome:
         name = f"{Path(instance.storage_path).stem}-{instance.storage_hash[:16]}.dcm"
-        if not place(spooled, self.layout.conflicts / name):
-            spooled.unlink()  # this very copy is already kept aside
-        self.index.add_conflict(instance, name)
+        target = self.layout.conflicts / name
+        placed = place(spooled, target)  # False: this very copy is already kept aside
+        try:
+            self.index.add_conflict(instance, name)
+        except BaseException:
+            if placed:
+                withdraw(target)
+            raise
+        _drop(spooled)
         return Outcome.CONFLICT

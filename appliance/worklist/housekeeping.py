@@ -14,6 +14,7 @@ import trio
 
 from appliance.config import WorklistConfig
 from appliance.log import get_logger
+from appliance.supervisor import Criticality
 from appliance.worklist.store import WorklistStore, now_utc
 
 log = get_logger("worklist")
@@ -35,6 +36,7 @@ def seconds_until(local_time: str, zone: zoneinfo.ZoneInfo, now: datetime.dateti
 
 class WorklistHousekeeper:
     name = "worklist-housekeeping"
+    criticality = Criticality.AUXILIARY
 
     def __init__(
         self,
