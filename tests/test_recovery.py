@@ -86,3 +86,33 @@ def test_fsck_verifies_hashes_flags_corruption_and_shows_progress(tmp_path):
     statuses = {row["sop_instance_uid"]: row["status"] for row in index_rows(state)}
     assert statuses[paths[1][1]] == "CORRUPT"
     assert [statuses[uid] for _, uid in (paths[0], paths[2])] == ["STORED", "STORED"]
+
+
+def test_a_deletion_a_crash_interrupted_is_finished_never_undone(tmp_path):
+    """Retention and a test participant's removal mark rows DELETING, remove the files, then the
+    rows. Killed in between, the next start finishes the deletion: the file is not re-indexed
+    (which would bring back an image that was being deleted) nor the row flagged missing."""
+    import sqlite3
+
+    config_path = write_config(tmp_path)
+    state = tmp_path / "state"
+    layout = StatePaths(state)
+    with_file, with_file_uid = image(tmp_path, "a.dcm")
+    without_file, without_file_uid = image(tmp_path, "b.dcm")
+    with ApplianceProcess(config_path) as app:
+        assert [r.Status for r in send_files(app.ports["storage"], [with_file, without_file])] == [
+            0,
+            0,
+        ]
+        assert app.stop() == 0
+    with sqlite3.connect(state / "pacs.db") as db:
+        db.execute("UPDATE stored_instances SET status = 'DELETING'")
+    layout.absolute(layout.relative_path(without_file_uid)).unlink()  # got that far
+
+    with ApplianceProcess(config_path) as app:
+        assert "deletions_finished=2 " in app.log()
+        assert "files_reindexed=0 " in app.log()
+        assert "rows_missing=0 " in app.log()
+        assert index_rows(state) == []
+        assert not layout.absolute(layout.relative_path(with_file_uid)).exists()
+        assert app.stop() == 0

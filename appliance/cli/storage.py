@@ -18,7 +18,8 @@ from appliance.storage.store import InstanceStore
 def _summary(report: RecoveryReport, indexed: int, verify_hashes: bool, verb: str) -> str:
     return (
         f"fsck: {indexed} indexed instances; spool files {verb}removed "
-        f"{report.spool_files_removed}, re-indexed {report.files_reindexed}, missing "
+        f"{report.spool_files_removed}, re-indexed {report.files_reindexed}, deletions finished "
+        f"{report.deletions_finished}, missing "
         f"{report.rows_missing}, corrupt {report.rows_corrupt}, restored {report.rows_restored}, "
         f"unrecognised files {len(report.files_unrecognised)}"
         + (f", hashes verified {report.files_checked}" if verify_hashes else "")

@@ -25,7 +25,7 @@ from appliance.config import PipelineConfig
 from appliance.log import get_logger
 from appliance.metrics import METRICS
 from appliance.pipeline.render import RenderError, Rendition, render
-from appliance.storage.files import ensure_directory
+from appliance.storage.files import write_durably
 from appliance.storage.index import StoredInstance
 from appliance.storage.store import InstanceStore
 from appliance.supervisor import Criticality
@@ -53,18 +53,6 @@ def _render_in_background(source: Path, renditions: list[Rendition]) -> list[byt
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), RENDER_NICENESS)
         _background.niced = True
     return render(source, renditions)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    ensure_directory(path.parent)
-    partial = path.with_suffix(path.suffix + ".partial")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            partial.unlink()
-        raise
 
 
 class ImagePipeline:
@@ -189,7 +177,7 @@ class ImagePipeline:
             try:
                 for relative, data in ((thumbnail_path, jpegs[0]), (preview_path, jpegs[1])):
                     await trio.to_thread.run_sync(
-                        _write_atomically, self._store.layout.derived_file(relative), data
+                        write_durably, self._store.layout.derived_file(relative), data
                     )
             except OSError as exc:  # derived/ full, read-only or failing: this image's outcome
                 await self._failed(

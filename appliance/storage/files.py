@@ -65,6 +65,25 @@ def place(source: Path, target: Path) -> bool:
 
 
 def withdraw(target: Path) -> None:
-    """Undo a `place` durably: the name is gone from disk before the caller answers."""
+    """Remove a placed file durably (undo a `place`, or delete): the name is gone from disk,
+    not only from the page cache, when this returns."""
     target.unlink(missing_ok=True)
-    fsync_directory(target.parent)
+    if target.parent.is_dir():  # an absence not yet durable is made so too
+        fsync_directory(target.parent)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`, on disk before this returns (file, then directory): what the
+    index records as written must survive a power cut. A failure leaves no partial file."""
+    ensure_directory(path.parent)
+    partial = path.with_suffix(path.suffix + ".partial")
+    try:
+        with partial.open("wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)

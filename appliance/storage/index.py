@@ -315,13 +315,14 @@ class Index:
         self, accession_number: str, study_instance_uid: str, drop_unsent_events: bool
     ) -> list[StoredInstance]:
         """Forget a self-test's instances and study: only those of its accession *and* its
-        study (their files are the caller's to unlink); with `drop_unsent_events` its events
-        too, which nothing would ever send."""
+        study. The instances are marked DELETING (their files are the caller's to unlink, then
+        their rows to delete); with `drop_unsent_events` its events go too, which nothing would
+        ever send."""
         where = "accession_number = ? AND study_instance_uid = ?"
         keys = (accession_number, study_instance_uid)
         with self._database.transaction() as db:
             rows = db.execute(f"SELECT * FROM stored_instances WHERE {where}", keys).fetchall()
-            db.execute(f"DELETE FROM stored_instances WHERE {where}", keys)
+            db.execute(f"UPDATE stored_instances SET status = 'DELETING' WHERE {where}", keys)
             db.execute(f"DELETE FROM studies WHERE {where}", keys)
             if drop_unsent_events:
                 outbox.drop_undelivered(self._database, accession_number)

@@ -21,7 +21,7 @@ import attrs
 
 from appliance.log import get_logger
 from appliance.state import StatePaths
-from appliance.storage.files import file_sha256, hash_and_sync
+from appliance.storage.files import file_sha256, hash_and_sync, withdraw
 from appliance.storage.index import Index, StoredInstance
 from appliance.storage.store import InvalidInstance, describe
 
@@ -34,6 +34,7 @@ Progress = Callable[[str, int, int], None]
 class RecoveryReport:
     spool_files_removed: int = 0
     files_reindexed: int = 0
+    deletions_finished: int = 0
     files_unrecognised: list[str] = attrs.Factory(list)
     rows_missing: int = 0
     rows_corrupt: int = 0
@@ -48,7 +49,8 @@ class RecoveryReport:
     @property
     def clean(self) -> bool:
         problems = self.files_unrecognised or self.rows_missing or self.rows_corrupt
-        return not (problems or self.files_reindexed or self.spool_files_removed)
+        repaired = self.files_reindexed or self.spool_files_removed or self.deletions_finished
+        return not (problems or repaired)
 
 
 def _stored_files(storage: Path) -> list[str]:
@@ -97,7 +99,14 @@ def recover(
     present = set(files)
     total = len(rows)
     for done, (relative, row) in enumerate(rows.items(), start=1):
-        if relative not in present:
+        if row.status == "DELETING":
+            # A deletion (retention, a test participant's removal) a crash interrupted: finish
+            # it, never re-index or flag the file it was removing.
+            if index is not None:
+                withdraw(layout.absolute(relative))
+                index.delete(row.sop_instance_uid)
+            report.deletions_finished += 1
+        elif relative not in present:
             if row.status != "MISSING":
                 if index is not None:
                     index.set_status(row.sop_instance_uid, "MISSING")

@@ -236,21 +236,26 @@ class InstanceStore:
         await self.database.write(self.index.fetched, sop_instance_uids)
 
     def unlink_files(self, instance: StoredInstance) -> None:
-        """Remove an instance's file and its derived images (retention, selftest cleanup)."""
+        """Remove an instance's file and its derived images (retention, selftest cleanup). The
+        stored file's removal is made durable (its directory fsynced) before the caller deletes
+        the row: a file that came back after a power cut would be indexed again by recovery."""
         for relative in (instance.thumbnail_path, instance.preview_path):
             if relative:
                 self.layout.derived_file(relative).unlink(missing_ok=True)
-        self.layout.absolute(instance.storage_path).unlink(missing_ok=True)
+        withdraw(self.layout.absolute(instance.storage_path))
 
     async def remove_test_study(
         self, accession_number: str, study_instance_uid: str, drop_unsent_events: bool
     ) -> int:
-        """A self-test's images, files and study forgotten, by the owner: returns how many."""
+        """A self-test's images, files and study forgotten, by the owner: returns how many.
+        Rows are marked DELETING first, files removed durably, then the rows deleted; recovery
+        finishes what a crash interrupted (never re-indexes a file being deleted)."""
         removed = await self.database.write(
             self.index.remove_test_study, accession_number, study_instance_uid, drop_unsent_events
         )
         for instance in removed:
             await trio.to_thread.run_sync(self.unlink_files, instance)
+            await self.database.write(self.index.delete, instance.sop_instance_uid)
         return len(removed)
 
     async def commit(self, spooled: Path, instance: StoredInstance) -> Outcome:
