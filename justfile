@@ -58,6 +58,7 @@ bench *ARGS: bootstrap
 # Faults and load against the real appliance, a table of figures (--long for the full form; root)
 chaos *ARGS: bootstrap
     @mkdir -p var
+    @{{bin}}/python -c "import pyfuse3" 2>/dev/null || {{bin}}/pip install --quiet -e '.[dev,chaos]'
     {{bin}}/python -m tests.chaos {{ARGS}}
 
 # The whole round trip with real processes: relay emulator, appliance, cloud, a simulated unit

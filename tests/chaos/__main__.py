@@ -1,8 +1,9 @@
 """`just chaos [--long] [scenario ...]`: the appliance under faults and load, a table of figures.
 
-Short form (CI): 5 kill cycles, a 10 s relay outage, 1,000 malformed cases, 2 minutes of load.
-Long form (--long, for the closing note and docs/reliability.md): 20 kill cycles, a 5 minute
-outage, 2,000 malformed cases, 10 minutes of load. Exits 1 when any invariant broke.
+Short form (CI): 5 kill cycles, a 10 s relay outage, 5 power cuts, 1,000 malformed cases, 2
+minutes of load. Long form (--long, for the closing note and docs/reliability.md): 20 kill
+cycles, a 5 minute outage, 100 power cuts, 2,000 malformed cases, 10 minutes of load. Exits 1
+when any invariant broke.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.chaos import Result, crash, disk, load, malformed, relay
+from tests.chaos import Result, crash, disk, load, malformed, powercut, relay
 
-SCENARIOS = ["crash", "relay", "disk", "malformed", "load"]
+SCENARIOS = ["crash", "relay", "disk", "powercut", "malformed", "load"]
 
 
 def main() -> int:
@@ -45,6 +46,8 @@ def main() -> int:
                 results += relay.run(work, outage_s=300 if long else 10, studies=10 if long else 3)
             elif name == "disk":
                 results.append(disk.run(work))
+            elif name == "powercut":
+                results.append(powercut.run(work, cuts=100 if long else 5))
             elif name == "malformed":
                 results.append(malformed.run(work, cases=2000 if long else 1000))
             elif name == "load":

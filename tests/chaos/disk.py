@@ -1,5 +1,6 @@
-"""Disk full: the state directory on a small tmpfs. C-STORE answers 0xA700 at the floor, nothing
-partial is left, C-ECHO and C-FIND keep working, and ingest resumes when space is freed."""
+"""Disk full: the state directory on a small loop-mounted ext4 image. C-STORE answers 0xA700 at
+the floor, nothing partial is left, C-ECHO and C-FIND keep working, and ingest resumes when space
+is freed."""
 
 from __future__ import annotations
 
@@ -9,16 +10,14 @@ from pathlib import Path
 
 from appliance.testing import synthetic
 from tests.chaos import Result
-from tests.support import ApplianceProcess, send_files, write_config
+from tests.support import ApplianceProcess, SmallDisk, send_files, write_config
 
 SIZE_MB, FLOOR_MB = 64, 16
 
 
 def run(work: Path) -> Result:
-    mount = work / "small-disk"
-    mount.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SIZE_MB}m", "tmpfs", str(mount)],
-                   check=True)  # fmt: skip
+    disk = SmallDisk(work, SIZE_MB).__enter__()
+    mount = disk.mount
     broken: list[str] = []
     figures: dict[str, object] = {"filesystem_mb": SIZE_MB, "floor_mb": FLOOR_MB}
     try:
@@ -67,5 +66,5 @@ def run(work: Path) -> Result:
             if resumed != len(images):
                 broken.append("ingest did not resume after space was freed")
     finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+        disk.__exit__()
     return Result("disk full", not broken, figures, broken)
