@@ -27,6 +27,16 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
+#: SQLite's primary result code for "database or disk is full".
+SQLITE_FULL = 13
+
+
+def is_full(exc: BaseException) -> bool:
+    """SQLITE_FULL: no room for the write (answered as out of resources, not as a failure)."""
+    code = getattr(exc, "sqlite_errorcode", 0)
+    return isinstance(exc, sqlite3.Error) and isinstance(code, int) and code & 0xFF == SQLITE_FULL
+
+
 def _configure(connection: sqlite3.Connection) -> sqlite3.Connection:
     connection.execute("PRAGMA busy_timeout=10000")
     connection.row_factory = sqlite3.Row

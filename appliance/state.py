@@ -129,3 +129,5 @@ def in_use(paths: StatePaths) -> bool:
             return False
     except StateInUse:
         return True
+    except OSError:  # a read-only or failing state dir: the lock cannot be tried, so not known
+        return False

@@ -20,6 +20,7 @@ import attrs
 import trio
 
 from appliance import __version__, metrics
+from appliance.control import ControlUnavailable, request
 from appliance.log import get_logger
 from appliance.outbox import Outbox
 from appliance.state import StatePaths, in_use
@@ -129,12 +130,27 @@ class StatusReporter:
         healthy = checks["storage_port"] and checks["worklist_port"] and checks["disk"]["ok"]
         return {
             "healthy": bool(healthy),
+            "pid": os.getpid(),
             # Side-matters failing while DICOM serves: the clinic images, someone should look.
-            "degraded": sorted(name for name, state in services.items() if state["degraded"]),
+            "degraded": self._degraded(services),
             "version": __version__,
             "uptime": round(time.time() - self.started_at),
             "checks": checks,
         }
+
+    def _degraded(self, services: dict[str, Any]) -> list[str]:
+        """Services that keep failing: those the supervisor restarts, and those that report
+        their own trouble (a relay the cloud refuses, a pipeline that cannot record, status)."""
+        names = {name for name, state in services.items() if state["degraded"]}
+        listener, sender = self._relay()
+        for client in (listener, sender):
+            if client is not None and client.statistics().get("misconfigured"):
+                names.add(getattr(client, "name", "relay"))
+        if self._pipeline.statistics().get("failing"):
+            names.add("image-pipeline")
+        if self._failing:
+            names.add(self.name)
+        return sorted(names)
 
     def _write(self, snapshot: dict[str, Any]) -> None:
         write(self._paths, snapshot)
@@ -176,6 +192,20 @@ async def _accepts(host: str, port: int | None) -> bool:
     return True
 
 
+def _for(age: float | None) -> str:
+    return f" for {age:.0f} s" if age is not None else ""
+
+
+def _ask(paths: StatePaths) -> dict[str, Any] | None:
+    """The running appliance's own health, over its control socket; None if it answers not."""
+    try:
+        reply = request(paths.control_socket, {"action_type": "health"}, timeout=5.0)
+    except (ControlUnavailable, OSError):
+        return None
+    health = reply.get("health")
+    return health if isinstance(health, dict) else None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -201,11 +231,21 @@ def read(
         except ValueError:  # being replaced as we read: treat as absent
             snapshot = {}
     age = time.time() - snapshot.get("written_at", 0)
-    alive = bool(snapshot) and _alive(int(snapshot.get("pid", 0)))
-    fresh = age < STALE_AFTER
-    # A process alive and holding the state directory runs even when its status file could
-    # not be refreshed (a full disk): say so rather than "not running".
-    running = alive and (fresh or in_use(paths))
+    fresh = bool(snapshot) and age < STALE_AFTER and _alive(int(snapshot.get("pid", 0)))
+    held = not fresh and in_use(paths)
+    live = _ask(paths) if held else None
+    if live is not None:
+        # Running, but its status file cannot be refreshed (a full disk, a restart on one):
+        # what the process itself says, over the control socket, not a stale file.
+        checks = live.get("checks", {})
+        snapshot |= {
+            "version": live.get("version"),
+            "pid": live.get("pid"),
+            "services": checks.get("services", {}),
+            "relay": checks.get("relay") if checks.get("relay", {}).get("listener") else None,
+            "pipeline": checks.get("pipeline"),
+        }
+    running = fresh or live is not None
     today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT00:00:00")
     if store is None or outbox is None:
         store = InstanceStore(paths)
@@ -217,6 +257,9 @@ def read(
         "running": running,
         "status_age_s": round(age, 1) if snapshot else None,
         "status_stale": bool(snapshot) and not fresh,
+        "asked_live": live is not None,
+        # Holds the state directory yet answers nothing: wedged (systemd's watchdog acts).
+        "responding": running or not held,
         **{k: v for k, v in snapshot.items() if k not in ("written_at",)},
         "images_today": summary["images_today"],
         "pipeline_backlog": summary["pipeline_backlog"],
@@ -227,17 +270,24 @@ def read(
 
 
 def render(status: dict[str, Any]) -> str:
+    state = "running" if status["running"] else "NOT RUNNING"
+    if not status.get("responding", True):
+        state = "NOT RESPONDING (holds its state directory, answers nothing)"
     lines = [
-        f"appliance: {'running' if status['running'] else 'NOT RUNNING'}"
+        f"appliance: {state}"
         + (
             f" (version {status.get('version')}, pid {status.get('pid')})"
             if status.get("pid")
             else ""
         )
     ]
-    if status.get("status_stale") and status.get("status_age_s") is not None:
-        why = " (writing it fails: see status.write_failed)" if status["running"] else ""
-        lines.append(f"  (services as last reported, {status['status_age_s']:.0f} s ago{why})")
+    if status.get("asked_live"):
+        lines.append(
+            f"  (status.json not refreshed{_for(status['status_age_s'])}: its write fails,"
+            " see status.write_failed; services below as the process reports them now)"
+        )
+    elif status.get("status_stale") and status.get("status_age_s") is not None:
+        lines.append(f"  (services as last reported, {status['status_age_s']:.0f} s ago)")
     for name, service in sorted(status.get("services", {}).items()):
         restarts = f", {service['restarts']} restarts" if service.get("restarts") else ""
         error = ""
@@ -258,6 +308,9 @@ def render(status: dict[str, Any]) -> str:
         f"outbox: {outbox['undelivered']} undelivered"
         + (f", oldest {outbox['oldest_undelivered']}" if outbox["oldest_undelivered"] else "")
     )
+    failing = (status.get("pipeline") or {}).get("failing")
+    if failing:
+        lines.append(f"pipeline: FAILING to record outcomes (images wait): {failing}")
     relay = status.get("relay")
     if relay:
         listener, sender = relay.get("listener") or {}, relay.get("sender") or {}

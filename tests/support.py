@@ -257,8 +257,13 @@ class SmallDisk:
         return found.f_bavail * found.f_frsize
 
     def fill(self, leave_bytes: int = 0) -> None:
-        """Another writer takes the space, leaving `leave_bytes` (0: until ENOSPC)."""
-        for chunk in (1 << 20, 1 << 12):
+        """Another writer takes the space, leaving `leave_bytes` (0: until ENOSPC). ext4 gives
+        back unused metadata reservations when a file is synced, so the 4 KiB pass repeats
+        until a synced pass finds nothing more to take."""
+        chunks = [1 << 20] + [1 << 12] * 4
+        for chunk in chunks:
+            if self.free_bytes() - chunk < leave_bytes and chunk > 4096:
+                continue
             path = self.mount / f"filler-{len(self._fillers)}"
             self._fillers.append(path)
             with path.open("wb", buffering=0) as out:
@@ -269,6 +274,8 @@ class SmallDisk:
                     pass  # ENOSPC: this chunk size is done
                 with contextlib.suppress(OSError):
                     os.fsync(out.fileno())
+            if self.free_bytes() <= leave_bytes:
+                break
 
     def free(self) -> None:
         """The operator deletes the filler."""

@@ -14,6 +14,7 @@ import pytest
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from appliance.status import STALE_AFTER
 from appliance.testing import synthetic
 from tests.support import (
     ApplianceProcess,
@@ -60,6 +61,14 @@ def _status(config: Path) -> dict:
     return json.loads(_appliance("status", "--json", config=config).stdout)
 
 
+def _status_once(config: Path, ready, timeout: float = 10.0) -> dict:
+    """`appliance status --json` once the status file shows `ready` (written every few s)."""
+    deadline = time.monotonic() + timeout
+    while not ready(found := _status(config)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return found
+
+
 def test_a_disk_filled_to_zero_by_another_writer_refuses_stores_and_stays_alive(tmp_path):
     with SmallDisk(tmp_path, 96) as disk:
         config = write_config(
@@ -84,7 +93,10 @@ def test_a_disk_filled_to_zero_by_another_writer_refuses_stores_and_stays_alive(
             status = _status(config)
             assert status["running"] is True  # not "NOT RUNNING" because status.json is stale
             assert status["disk"]["ok"] is False
-            assert status["disk"]["free_bytes"] == 0
+            assert status["disk"]["free_bytes"] < 1024 * 1024  # what the refused spool gave back
+            human = _appliance("status", config=config).stdout
+            assert "appliance: running" in human
+            assert "BELOW THE FLOOR" in human
             assert app.stop() == 0
         assert "status.write_failed" in app.log()
 
@@ -99,6 +111,14 @@ def test_a_disk_filled_to_zero_by_another_writer_refuses_stores_and_stays_alive(
             assert find.returncode == 0
             [refused] = send_files(port, [_image(tmp_path, "still-full")])
             assert refused.Status == 0xA700
+            # The start released the emergency reserve, so status.json could be written; the
+            # other writer takes that too, and the file goes stale while the process runs.
+            disk.fill()
+            time.sleep(STALE_AFTER + 1)
+            status = _status(config)
+            assert status["running"] is True  # asked over the control socket, not the file
+            assert status["asked_live"] is True
+            assert status["services"]["storage-scp"]["state"] == "up"
             disk.free()  # the operator removes the other writer's files
             [stored] = send_files(port, [_image(tmp_path, "after")])
             assert stored.Status == 0
@@ -142,6 +162,12 @@ def test_a_disk_filling_during_a_1gb_receive_refuses_that_store_and_keeps_the_as
             finally:
                 assoc.release()
             assert disk.free_bytes() > 200 * 1024 * 1024  # the partial 1 GB is gone
+            space = _status_once(config, lambda found: found["disk_refusals"]["refusals"] > 0)
+            disk_now = space["disk"]
+            assert disk_now["ok"] is True
+            assert disk_now["floor_bytes"] == 64 * 1024 * 1024
+            assert abs(disk_now["free_bytes"] - disk.free_bytes()) < 1024 * 1024  # statvfs, as we
+            assert space["disk_refusals"]["refusals"] == 1
             assert list((disk.mount / "state" / "spool").iterdir()) == []
             assert app.proc.poll() is None
             assert app.stop() == 0
@@ -204,7 +230,7 @@ def test_a_full_database_answers_0xa700_and_never_leaves_a_stored_file_without_i
             doomed = _image(tmp_path, "doomed")
             [refused] = send_files(port, [doomed])
             assert refused.Status == 0xA700, refused
-            assert "disk space" in refused.ErrorComment
+            assert "Index database full" in refused.ErrorComment
             assert app.proc.poll() is None
             assert _echo(port) == 0
             assert app.stop() == 0

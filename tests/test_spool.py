@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.storage.space import DiskFloor, free_bytes
+from appliance.storage.space import DiskFloor, Space
 from appliance.storage.spool import Shortfall, SpoolFile, sweep
 
 
@@ -49,18 +49,31 @@ def test_a_failed_write_keeps_nothing_and_never_raises_into_the_receive(
         spool.sync()  # nothing to acknowledge
 
 
+class FixedDisk(DiskFloor):
+    """A disk whose free space is exactly what the spool has not yet written of `free`."""
+
+    def __init__(self, directory, free: int, floor: int) -> None:
+        super().__init__(directory, floor)
+        self.free = free
+        self.spool: SpoolFile | None = None
+
+    def measure(self) -> Space:
+        written = self.spool._size if self.spool else 0
+        return Space(self.free - written, self.floor_bytes)
+
+
 def test_the_floor_stops_a_receive_before_free_space_falls_below_it(tmp_path):
-    free = free_bytes(tmp_path)
-    # The floor sits 10 MiB under what is free now: the 11th MiB would cross it.
-    spool = SpoolFile(tmp_path, "rx-", floor=DiskFloor(tmp_path, free - 10 * 1024 * 1024))
-    chunk = b"\0" * (1024 * 1024)
+    mib = 1024 * 1024
+    disk = FixedDisk(tmp_path, free=30 * mib, floor=20 * mib)  # room for 10 MiB
+    spool = SpoolFile(tmp_path, "rx-", floor=disk)
+    disk.spool = spool
     written = 0
     while spool.failure is None and written < 64:
-        spool.write(chunk)
+        spool.write(b"\0" * mib)
         written += 1
     assert spool.failure is not None
     assert (spool.failure.kind, spool.failure.phase) == (Shortfall.SPACE, "disk-floor")
-    assert 9 <= written <= 11
+    assert written == 11  # the 11th MiB would have crossed the floor: refused, not written
     assert list(tmp_path.iterdir()) == []
 
 

@@ -15,6 +15,8 @@ CANCELLED = 0xFE00
 
 # General (PS3.7 C): N-CREATE, N-SET, N-ACTION; also Failure Reasons in commitment reports.
 PROCESSING_FAILURE = 0x0110
+#: DIMSE-N (PS3.7 C.4.2): the SCP lacks the resources, e.g. its database is full.
+RESOURCE_LIMITATION = 0x0213
 DUPLICATE_SOP_INSTANCE = 0x0111
 NO_SUCH_OBJECT_INSTANCE = 0x0112
 INVALID_ARGUMENT_VALUE = 0x0115

@@ -32,6 +32,7 @@ from pydicom.uid import (
 from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 
+from appliance.db import is_full
 from appliance.dicom import statuses
 from appliance.dicom._pynetdicom import received_spool_file
 from appliance.dicom.door import ApplianceStopping, TrioDoor
@@ -41,7 +42,14 @@ from appliance.log import get_logger
 from appliance.metrics import METRICS
 from appliance.storage.space import DiskFloor
 from appliance.storage.spool import NO_SPACE, Shortfall
-from appliance.storage.store import InstanceStore, InvalidInstance, Outcome, Problem, describe
+from appliance.storage.store import (
+    BeingDeleted,
+    InstanceStore,
+    InvalidInstance,
+    Outcome,
+    Problem,
+    describe,
+)
 
 log = get_logger("storage-scp")
 
@@ -70,9 +78,6 @@ PROBLEM_STATUS = {
     Problem.INCONSISTENT: statuses.DATASET_MISMATCH,
 }
 
-#: sqlite3's primary result code for "database or disk is full".
-SQLITE_FULL = 13
-
 STORAGE_CONTEXTS: Contexts = [
     (str(cx.abstract_syntax), TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts
 ]
@@ -92,11 +97,15 @@ class StorageSCP:
         METRICS.inc("c_store_total", status=f"0x{statuses.code_of(result):04X}")
         return result
 
-    def _no_space(self, phase: str, context: dict[str, Any], **fields: Any) -> Dataset:
+    def _no_space(
+        self, phase: str, context: dict[str, Any], comment: str = "", **fields: Any
+    ) -> Dataset:
         self._floor.refused()
         log.warning("instance.refused", phase=phase, **fields, **context)
         floor_mb = self._floor.floor_bytes // (1024 * 1024)
-        return status(statuses.OUT_OF_RESOURCES, f"Out of disk space (floor {floor_mb} MB)")
+        return status(
+            statuses.OUT_OF_RESOURCES, comment or f"Out of disk space (floor {floor_mb} MB)"
+        )
 
     def _store_one(self, event: evt.Event) -> int | Dataset:
         spool = received_spool_file(event)
@@ -139,6 +148,9 @@ class StorageSCP:
         except InvalidInstance as exc:
             log.warning("instance.rejected", phase="validate", reason=exc.reason, **context)
             return status(PROBLEM_STATUS[exc.problem], exc.reason)
+        except BeingDeleted:
+            log.warning("instance.refused", phase="being-deleted", **context)
+            return status(statuses.OUT_OF_RESOURCES, "Instance being deleted here; send again")
         except ApplianceStopping:
             log.warning("instance.refused", phase="shutdown", **context)
             return status(statuses.OUT_OF_RESOURCES, "Gateway is restarting; send again")
@@ -148,8 +160,9 @@ class StorageSCP:
             log.error("instance.failed", phase=phase, error=f"{exc.strerror or exc}", **context)
             return status(statuses.PROCESSING_FAILURE, f"I/O error ({phase}): {exc.strerror}")
         except sqlite3.Error as exc:
-            if getattr(exc, "sqlite_errorcode", 0) & 0xFF == SQLITE_FULL:
-                return self._no_space("index-write", context, error=str(exc))
+            if is_full(exc):
+                comment = "Index database full; send again later"
+                return self._no_space("index-write", context, comment, error=str(exc))
             log.error("instance.failed", phase="index-write", error=str(exc), **context)
             return status(statuses.PROCESSING_FAILURE, f"Index write failed: {exc}")
         except Exception:

@@ -9,6 +9,7 @@ the worklist store, whose one writer applies the transition rules.
 from __future__ import annotations
 
 import datetime
+import sqlite3
 import time
 import zoneinfo
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made a
 )
 
 from appliance.config import WorklistScpConfig
+from appliance.db import is_full
 from appliance.dicom import encoded, matching, statuses
 from appliance.dicom._pynetdicom import PendingFindWriter
 from appliance.dicom.charsets import codecs_for, encode_for
@@ -273,9 +275,15 @@ class WorklistSCP:
             return None, status(code, exc.reason, error_id)
         except ApplianceStopping:
             return None, status(statuses.PROCESSING_FAILURE, "Gateway is restarting; send again")
+        except sqlite3.Error as exc:  # worklist.db full or failing: nothing was recorded
+            if is_full(exc):
+                log.warning("mpps.refused", phase=f"{operation}-record", reason=str(exc))
+                return None, status(statuses.RESOURCE_LIMITATION, "MPPS database full; retry")
+            log.error("mpps.failed", phase=f"{operation}-record", error=str(exc))
+            return None, status(statuses.PROCESSING_FAILURE, f"MPPS record failed: {exc}")
         except Exception:
             log.exception("mpps.failed", phase=operation)
-            return None, status(statuses.PROCESSING_FAILURE, "Internal error")
+            return None, status(statuses.PROCESSING_FAILURE, f"Internal error ({operation})")
         return outcome, statuses.SUCCESS
 
     def _counted(self, operation: str, *args: Any) -> tuple[Any, int | Dataset]:

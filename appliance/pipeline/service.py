@@ -92,6 +92,9 @@ class ImagePipeline:
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # A restart after a crash: what the last run held in its channel is not in flight any
+        # more (it would be skipped for ever); the sweep offers it again.
+        self._in_flight.clear()
         send, receive = trio.open_memory_channel[StoredInstance](self._workers * 2)
         async with trio.open_nursery() as nursery, send:
             for _ in range(self._workers):
@@ -106,7 +109,11 @@ class ImagePipeline:
         if item.sop_instance_uid in self._in_flight:
             return
         self._in_flight.add(item.sop_instance_uid)
-        await work.send(item)
+        try:
+            await work.send(item)
+        except BaseException:
+            self._in_flight.discard(item.sop_instance_uid)
+            raise
 
     async def _forward_notices(self, work: trio.MemorySendChannel[StoredInstance]) -> None:
         async with work:
@@ -130,15 +137,15 @@ class ImagePipeline:
                 try:
                     await self._process(item)
                 except Exception as exc:
-                    # Recording the outcome failed (pacs.db full, I/O error): the instance stays
+                    # Reading or recording failed (pacs.db full, I/O error): the instance stays
                     # pending and the sweep offers it again; logged once until work succeeds.
                     if self.failing is None:
                         log.exception(
                             "pipeline.failing",
-                            phase="record",
+                            phase="process",
                             sop_instance_uid=item.sop_instance_uid,
                         )
-                    self.failing = f"record: {type(exc).__name__}: {exc}"[:300]
+                    self.failing = f"{type(exc).__name__}: {exc}"[:300]
                 else:
                     if self.failing is not None:
                         log.info("pipeline.recovered")
@@ -180,6 +187,9 @@ class ImagePipeline:
                         write_durably, self._store.layout.derived_file(relative), data
                     )
             except OSError as exc:  # derived/ full, read-only or failing: this image's outcome
+                for relative in (thumbnail_path, preview_path):  # no half of a pair left behind
+                    with contextlib.suppress(OSError):
+                        self._store.layout.derived_file(relative).unlink(missing_ok=True)
                 await self._failed(
                     item, RenderError("write", exc.strerror or str(exc)), source_message_id
                 )

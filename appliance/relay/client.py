@@ -64,20 +64,25 @@ class RelayClient:
     def _url(self, action: str, **extra: str) -> tuple[str, float]:
         return self.endpoint.address(action, self._clock(), **extra)
 
-    def _failed(self, phase: str, error: object) -> None:
+    def _failed(self, phase: str, error: object, *, quiet: bool = False) -> None:
         self.failures[phase] += 1
         METRICS.inc("relay_failures_total", client=self.name, phase=phase)
-        log.warning("relay.failed", client=self.name, phase=phase, error=str(error)[:300])
+        (log.debug if quiet else log.warning)(
+            "relay.failed", client=self.name, phase=phase, error=str(error)[:300]
+        )
 
     def _rejected(self, exc: ConnectionRejected, not_found: str) -> None:
         body = (exc.body or b"").decode("utf-8", "replace")[:200]
+        # Already reported as relay.misconfigured: counted, not logged again on every retry.
+        quiet = self.misconfigured is not None and exc.status_code in MISCONFIGURED
         if exc.status_code == 404:
             self._failed(
                 "connect" if not_found == "connect" else "handshake",
                 f"HTTP 404: {body or 'not found'}",
+                quiet=quiet,
             )
         elif exc.status_code in (401, 403):
-            self._failed("sas-token", f"HTTP {exc.status_code}: {body}")
+            self._failed("sas-token", f"HTTP {exc.status_code}: {body}", quiet=quiet)
         else:
             self._failed("handshake", f"HTTP {exc.status_code}: {body}")
 

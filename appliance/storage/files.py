@@ -3,6 +3,7 @@ placing a file without ever replacing one (where the files live: appliance/state
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -60,7 +61,14 @@ def place(source: Path, target: Path) -> bool:
         os.link(source, target)
     except FileExistsError:
         return False
-    fsync_directory(target.parent)
+    try:
+        fsync_directory(target.parent)
+    except OSError:
+        # Not known to be durable, so not placed: the caller answers a failure, and a name left
+        # behind would be indexed by recovery as if it had been stored.
+        with contextlib.suppress(OSError):
+            target.unlink()
+        raise
     return True
 
 

@@ -196,6 +196,14 @@ class Index:
         ).fetchone()
         return StoredInstance(**dict(row)) if row else None
 
+    def store(self, instance: StoredInstance, *, replaces: bool = False) -> None:
+        """Index a placed instance; with `replaces`, in place of its lost or damaged row (one
+        transaction: a failure keeps the old row, which still says what was lost)."""
+        with self._database.transaction():
+            if replaces:
+                self.delete(instance.sop_instance_uid)
+            self.insert(instance)
+
     def insert(self, instance: StoredInstance) -> None:
         placeholders = ", ".join("?" for _ in _COLUMNS)
         self._db.execute(

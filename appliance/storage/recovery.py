@@ -13,6 +13,7 @@ associations in progress): that is `appliance fsck` beside a running appliance.
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,8 @@ class RecoveryReport:
     spool_files_removed: int = 0
     files_reindexed: int = 0
     deletions_finished: int = 0
+    #: Repairs that failed (a full or failing disk): logged, retried at the next start.
+    failures: int = 0
     files_unrecognised: list[str] = attrs.Factory(list)
     rows_missing: int = 0
     rows_corrupt: int = 0
@@ -48,7 +51,9 @@ class RecoveryReport:
 
     @property
     def clean(self) -> bool:
-        problems = self.files_unrecognised or self.rows_missing or self.rows_corrupt
+        problems = (
+            self.files_unrecognised or self.rows_missing or self.rows_corrupt or self.failures
+        )
         repaired = self.files_reindexed or self.spool_files_removed or self.deletions_finished
         return not (problems or repaired)
 
@@ -59,6 +64,22 @@ def _stored_files(storage: Path) -> list[str]:
         for name in files:
             found.append(os.path.relpath(os.path.join(directory, name), storage))
     return sorted(found)
+
+
+def _failed(report: RecoveryReport, step: str, what: str, exc: Exception) -> None:
+    """One item recovery could not repair: logged and counted; startup goes on (DICOM must
+    start even on a failing disk) and the next start tries again."""
+    log.error("recovery.step_failed", phase=f"recovery-{step}", path=what, error=str(exc))
+    report.failures += 1
+
+
+def _set_status(index: Index, row: StoredInstance, status: str, report: RecoveryReport) -> bool:
+    try:
+        index.set_status(row.sop_instance_uid, status)
+    except sqlite3.Error as exc:
+        _failed(report, "status", row.storage_path, exc)
+        return False
+    return True
 
 
 def recover(
@@ -72,7 +93,11 @@ def recover(
     report = RecoveryReport()
     if index is not None:
         for leftover in layout.spool.iterdir():
-            leftover.unlink()
+            try:
+                leftover.unlink()
+            except OSError as exc:  # the spool sweeper tries again
+                _failed(report, "spool", leftover.name, exc)
+                continue
             report.spool_files_removed += 1
 
     rows = {row.storage_path: row for row in instances}
@@ -93,7 +118,11 @@ def recover(
             report.files_unrecognised.append(relative)
             continue
         if index is not None:
-            index.insert(instance)
+            try:
+                index.insert(instance)
+            except sqlite3.Error as exc:  # pacs.db full or failing: found again next start
+                _failed(report, "reindex", relative, exc)
+                continue
         report.files_reindexed += 1
 
     present = set(files)
@@ -101,15 +130,22 @@ def recover(
     for done, (relative, row) in enumerate(rows.items(), start=1):
         if row.status == "DELETING":
             # A deletion (retention, a test participant's removal) a crash interrupted: finish
-            # it, never re-index or flag the file it was removing.
+            # it (derived images too), never re-index or flag the file it was removing.
             if index is not None:
-                withdraw(layout.absolute(relative))
-                index.delete(row.sop_instance_uid)
+                try:
+                    for derived in (row.thumbnail_path, row.preview_path):
+                        if derived:
+                            withdraw(layout.derived_file(derived))
+                    withdraw(layout.absolute(relative))
+                    index.delete(row.sop_instance_uid)
+                except (OSError, sqlite3.Error) as exc:  # retried at the next start
+                    _failed(report, "deletion", relative, exc)
+                    continue
             report.deletions_finished += 1
         elif relative not in present:
             if row.status != "MISSING":
-                if index is not None:
-                    index.set_status(row.sop_instance_uid, "MISSING")
+                if index is not None and not _set_status(index, row, "MISSING", report):
+                    continue
                 report.rows_missing += 1
         else:
             healthy = True
@@ -117,12 +153,12 @@ def recover(
                 report.files_checked += 1
                 healthy = file_sha256(layout.absolute(relative)) == row.storage_hash
             if not healthy and row.status != "CORRUPT":
-                if index is not None:
-                    index.set_status(row.sop_instance_uid, "CORRUPT")
+                if index is not None and not _set_status(index, row, "CORRUPT", report):
+                    continue
                 report.rows_corrupt += 1
             elif healthy and row.status != "STORED" and (verify_hashes or row.status == "MISSING"):
-                if index is not None:
-                    index.set_status(row.sop_instance_uid, "STORED")
+                if index is not None and not _set_status(index, row, "STORED", report):
+                    continue
                 report.rows_restored += 1
         if progress is not None:
             progress("verify" if verify_hashes else "check", done, total)

@@ -179,7 +179,7 @@ def sweep(spool: Path, older_than: float) -> int:
     removed = 0
     cutoff = time.time() - older_than
     for path in spool.iterdir():
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone already, or failing: the next sweep retries
             if path.stat().st_mtime < cutoff:
                 path.unlink()
                 removed += 1

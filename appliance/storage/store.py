@@ -26,7 +26,14 @@ from pydicom.uid import UID
 from appliance import outbox
 from appliance.log import get_logger
 from appliance.state import StatePaths
-from appliance.storage.files import ensure_directory, file_sha256, place, withdraw
+from appliance.storage.files import (
+    ensure_directory,
+    file_sha256,
+    fsync_directory,
+    hash_and_sync,
+    place,
+    withdraw,
+)
 from appliance.storage.index import Index, IndexReader, StoredInstance, open_database
 
 log = get_logger("storage")
@@ -47,6 +54,10 @@ class InvalidInstance(Exception):
         super().__init__(reason)
         self.problem = problem
         self.reason = reason
+
+
+class BeingDeleted(Exception):
+    """A re-send of an instance whose deletion (retention, a test's removal) is in progress."""
 
 
 class Outcome(enum.Enum):
@@ -241,7 +252,7 @@ class InstanceStore:
         the row: a file that came back after a power cut would be indexed again by recovery."""
         for relative in (instance.thumbnail_path, instance.preview_path):
             if relative:
-                self.layout.derived_file(relative).unlink(missing_ok=True)
+                withdraw(self.layout.derived_file(relative))
         withdraw(self.layout.absolute(instance.storage_path))
 
     async def remove_test_study(
@@ -272,33 +283,55 @@ class InstanceStore:
     def commit_sync(self, spooled: Path, instance: StoredInstance) -> Outcome:
         index = self.index
         existing = index.get(instance.sop_instance_uid)
-        if existing is not None and existing.status == "MISSING":
-            # The file was lost (flagged by recovery); a re-send restores it.
-            index.delete(instance.sop_instance_uid)
-            existing = None
+        replaces = False
         if existing is not None:
-            if existing.storage_hash == instance.storage_hash:
+            if existing.status == "DELETING":
+                raise BeingDeleted(instance.sop_instance_uid)
+            stored = self.layout.absolute(existing.storage_path)
+            if existing.status in ("MISSING", "CORRUPT") or not stored.exists():
+                # The file was lost or damaged (recovery flagged it, or it is gone now): a
+                # re-send restores it; the row is replaced in the same transaction as the insert.
+                replaces = True
+            elif existing.storage_hash == instance.storage_hash:
                 _drop(spooled)
                 return Outcome.DUPLICATE
-            return self._keep_aside(spooled, instance)
+            else:
+                return self._keep_aside(spooled, instance)
         target = self.layout.absolute(instance.storage_path)
-        if not place(spooled, target):
+        placed = place(spooled, target)
+        if not placed and replaces:
+            withdraw(target)  # the damaged copy goes; the re-sent one takes its place
+            placed = place(spooled, target)
+        if not placed:
             # A file is there without a row: a crash between placing and indexing, or another
-            # UID sharing the 64-bit name prefix. Never overwrite; index it only if identical.
+            # UID sharing the 64-bit name prefix. Never overwrite; index it only if identical,
+            # and only once it is known to be on disk.
             if file_sha256(target) != instance.storage_hash:
                 return self._keep_aside(spooled, instance)
-            _drop(spooled)
-            index.insert(instance)
-            return Outcome.STORED
+            hash_and_sync(target)
+            fsync_directory(target.parent)
         try:
-            index.insert(instance)
+            index.store(instance, replaces=replaces)
         except BaseException:
-            # The modality is told this failed, so it must not become stored at the next start
-            # (recovery indexes files without rows): undo the link, durably, before answering.
-            withdraw(target)
+            if placed:
+                self._undo(target, instance)
             raise
         _drop(spooled)
         return Outcome.STORED
+
+    @staticmethod
+    def _undo(target: Path, instance: StoredInstance) -> None:
+        """The modality is told this failed, so it must not become stored at the next start
+        (recovery indexes files without rows): undo the link, durably, before answering."""
+        try:
+            withdraw(target)
+        except OSError as exc:  # a second fault: recovery will find this file without a row
+            log.error(
+                "instance.undo_failed",
+                phase="commit-undo",
+                sop_instance_uid=instance.sop_instance_uid,
+                error=f"{exc.strerror or exc}",
+            )
 
     def _keep_aside(self, spooled: Path, instance: StoredInstance) -> Outcome:
         name = f"{Path(instance.storage_path).stem}-{instance.storage_hash[:16]}.dcm"
@@ -308,7 +341,7 @@ class InstanceStore:
             self.index.add_conflict(instance, name)
         except BaseException:
             if placed:
-                withdraw(target)
+                self._undo(target, instance)
             raise
         _drop(spooled)
         return Outcome.CONFLICT
