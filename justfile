@@ -6,6 +6,30 @@ python := env("PYTHON", "python3")
 venv := ".venv"
 bin := venv / "bin"
 
+# Debian packages the tests, benches, chaos and live checks drive the appliance with (one list):
+# dcmtk, Orthanc, dicom3tools and OpenJPEG are the peers and encoders; systemd for the unit
+# gates; fuse3 + libfuse3-dev + pkg-config + gcc for the power-cut filesystem (pyfuse3);
+# e2fsprogs for the loop-mounted ext4 disks; systemd-container + mmdebstrap for the live converge.
+deb_packages := "python3-venv dcmtk orthanc dicom3tools libopenjp2-tools systemd systemd-container mmdebstrap fuse3 libfuse3-dev pkg-config gcc e2fsprogs"
+
+# Install the Debian packages above that are missing (as root), or print the command that would
+deps:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    missing=()
+    for package in {{deb_packages}}; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$package")
+    done
+    [ ${#missing[@]} -eq 0 ] && exit 0
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "deps: missing Debian packages; run: sudo apt-get install -y ${missing[*]}" >&2
+        exit 0  # the tests that need them say which one is missing
+    fi
+    echo "deps: installing ${missing[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+
 # Create .venv and install the project with its dev tools (skipped when pyproject.toml is unchanged)
 bootstrap:
     @if [ ! -x {{bin}}/python ]; then {{python}} -m venv {{venv}}; fi
@@ -18,7 +42,7 @@ run *ARGS: bootstrap
     {{bin}}/appliance run --config config/local.toml {{ARGS}}
 
 # Lint and format check, then the whole test suite
-test *ARGS: bootstrap lint test-deploy
+test *ARGS: deps bootstrap lint test-deploy
     {{bin}}/pytest {{ARGS}}
 
 # The tests that do not start the appliance as a process: seconds, for the edit-test loop

@@ -39,6 +39,7 @@ from appliance.dicom.statuses import (
 from appliance.log import get_logger
 from appliance.storage.files import file_sha256
 from appliance.storage.store import InstanceStore
+from appliance.storage.structure import Unsound, decode_all
 from appliance.supervisor import Criticality
 
 log = get_logger("commitment-scp")
@@ -137,31 +138,56 @@ class StorageCommitmentSCP:
             return status(PROCESSING_FAILURE, "Gateway is restarting; ask again"), None
         return SUCCESS, None
 
-    def verify(self, sop_class: str, sop_instance: str) -> int | None:
-        """None when the instance is committed, else its Failure Reason."""
+    def verify(
+        self, sop_class: str, sop_instance: str, proved: list[tuple[str, str | None]]
+    ) -> int | None:
+        """None when the instance is committed, else its Failure Reason. Committed means
+        indexed as STORED with that class, the file's SHA-256 still the one recorded, and its
+        pixel data proved whole (native: at receive; encapsulated: every frame decoded, by the
+        pipeline or, when it has not got there yet, here; the outcome goes into `proved`)."""
         row = self._index.instance(sop_instance)
         if row is None or row["status"] != "STORED":
             return NO_SUCH_OBJECT_INSTANCE
         if row["sop_class_uid"] != sop_class:
             return CLASS_INSTANCE_CONFLICT
+        path = self._index.path(row)
         try:
-            intact = file_sha256(self._index.path(row)) == row["storage_hash"]
+            intact = file_sha256(path) == row["storage_hash"]
         except OSError:
             intact = False
         if not intact:
             log.error("commitment.instance_damaged", phase="verify", sop_instance_uid=sop_instance)
             return PROCESSING_FAILURE
+        pixels, error = row["pixels_state"], row["pixels_error"]
+        if pixels is None:
+            try:
+                decode_all(path)
+            except Unsound as exc:
+                error = exc.reason
+            proved.append((sop_instance, error))
+        if error is not None:
+            log.error(
+                "commitment.instance_unsound",
+                phase="decode",
+                sop_instance_uid=sop_instance,
+                error=error[:300],
+            )
+            return PROCESSING_FAILURE
         return None
 
-    def result(self, transaction: str, references: list[tuple[str, str]]) -> Dataset:
+    def result(
+        self, transaction: str, references: list[tuple[str, str]]
+    ) -> tuple[Dataset, list[tuple[str, str | None]]]:
+        """The report, and the pixel proofs made on the way (for the index)."""
         report = Dataset()
         report.TransactionUID = transaction
         committed, failed = [], []
+        proved: list[tuple[str, str | None]] = []
         for sop_class, sop_instance in references:
             item = Dataset()
             item.ReferencedSOPClassUID = sop_class
             item.ReferencedSOPInstanceUID = sop_instance
-            reason = self.verify(sop_class, sop_instance)
+            reason = self.verify(sop_class, sop_instance, proved)
             if reason is None:
                 committed.append(item)
             else:
@@ -171,13 +197,15 @@ class StorageCommitmentSCP:
             report.ReferencedSOPSequence = committed
         if failed:
             report.FailedSOPSequence = failed
-        return report
+        return report, proved
 
     async def _report(self, request: CommitmentRequest, limiter: trio.CapacityLimiter) -> None:
         try:
-            report = await trio.to_thread.run_sync(
+            report, proved = await trio.to_thread.run_sync(
                 self.result, request.transaction, request.references
             )
+            if proved:
+                await self._store.write(self._store.index.pixels_checked, proved)
             event_type = 2 if "FailedSOPSequence" in report else 1
             # Recorded before the modality hears it: retention may rely on what it was told.
             await self._store.committed(

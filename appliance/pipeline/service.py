@@ -26,8 +26,9 @@ from appliance.log import get_logger
 from appliance.metrics import METRICS
 from appliance.pipeline.render import RenderError, Rendition, render
 from appliance.storage.files import write_durably
-from appliance.storage.index import StoredInstance
+from appliance.storage.index import WHOLE, StoredInstance
 from appliance.storage.store import InstanceStore
+from appliance.storage.structure import Unsound, decode_all
 from appliance.supervisor import Criticality
 from appliance.worklist.store import WorklistStore
 
@@ -46,13 +47,30 @@ _background = threading.local()
 RENDER_NICENESS = 10
 
 
-def _render_in_background(source: Path, renditions: list[Rendition]) -> list[bytes] | None:
+def _render_in_background(
+    source: Path, renditions: list[Rendition], prove_pixels: bool
+) -> list[bytes] | None:
+    """Thumbnail and preview; first, for pixel data not yet proved whole, every frame decoded
+    (storage commitment confirms an encapsulated image only after this)."""
     if not getattr(_background, "niced", False):
         # Linux applies priority per thread: lower this worker thread only.
         with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), RENDER_NICENESS)
         _background.niced = True
+    if prove_pixels:
+        try:
+            decode_all(source)
+        except Unsound as exc:
+            raise PixelsBroken(exc.reason) from None
     return render(source, renditions)
+
+
+class PixelsBroken(RenderError):
+    """A frame of the stored pixel data does not decode: the image can never be committed."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("decode", reason)
+        self.reason = reason
 
 
 class ImagePipeline:
@@ -171,11 +189,29 @@ class ImagePipeline:
         started = trio.current_time()
         try:
             jpegs = await trio.to_thread.run_sync(
-                _render_in_background, source, self._renditions, limiter=self._cpu
+                _render_in_background,
+                source,
+                self._renditions,
+                item.pixels_state != WHOLE,  # not yet proved, or broken last time: again
+                limiter=self._cpu,
             )
         except Exception as exc:  # any failure is this image's, never the service's
+            if isinstance(exc, PixelsBroken):
+                await self._store.write(
+                    self._store.index.pixels_checked, [(item.sop_instance_uid, exc.reason)]
+                )
+                log.error(
+                    "instance.pixels_broken",
+                    phase="decode",
+                    sop_instance_uid=item.sop_instance_uid,
+                    error=exc.reason[:300],
+                )
             await self._failed(item, exc, source_message_id)
             return
+        if item.pixels_state != WHOLE:
+            await self._store.write(
+                self._store.index.pixels_checked, [(item.sop_instance_uid, None)]
+            )
         payload = self._payload(item) | {"test": bool(linked and linked.is_test)}
         thumbnail_path = preview_path = None
         if jpegs is not None:

@@ -31,6 +31,10 @@ PIPELINE_COLUMNS = [
     ("preview_path", "TEXT"),
 ]
 #: When someone else took responsibility for an image: retention may require one of them.
+#: Whether the pixel data is proved whole: WHOLE (native and complete, or every frame decoded),
+#: BROKEN (a frame does not decode; pixels_error says why), NULL (not decoded yet).
+PIXELS_COLUMNS = [("pixels_state", "TEXT"), ("pixels_error", "TEXT")]
+WHOLE, BROKEN = "WHOLE", "BROKEN"
 RELEASE_COLUMNS = [
     ("committed_at", "TEXT"),  # UTC: storage commitment confirmed it to a modality
     ("fetched_at", "TEXT"),  # UTC: the cloud fetched it whole (image.fetch)
@@ -123,6 +127,8 @@ class StoredInstance:
     preview_path: str | None = None
     committed_at: str | None = None
     fetched_at: str | None = None
+    pixels_state: str | None = None
+    pixels_error: str | None = None
 
 
 _COLUMNS = [a.name for a in attrs.fields(StoredInstance)]
@@ -135,7 +141,7 @@ def _utc_now() -> str:
 def migrate(db: sqlite3.Connection) -> None:
     """Columns added after the first release, added in place when missing."""
     present = {row["name"] for row in db.execute("PRAGMA table_info(stored_instances)")}
-    for name, declaration in PIPELINE_COLUMNS + RELEASE_COLUMNS:
+    for name, declaration in PIPELINE_COLUMNS + RELEASE_COLUMNS + PIXELS_COLUMNS:
         if name not in present:
             db.execute(f"ALTER TABLE stored_instances ADD COLUMN {name} {declaration}")
     db.execute(
@@ -245,6 +251,14 @@ class Index:
     def fetched(self, sop_instance_uids: list[str]) -> None:
         """The cloud fetched these whole (image.fetch)."""
         self._release("fetched_at", sop_instance_uids)
+
+    def pixels_checked(self, outcomes: Sequence[tuple[str, str | None]]) -> None:
+        """Each (SOP Instance UID, None when every frame decoded, else why not)."""
+        self._db.executemany(
+            "UPDATE stored_instances SET pixels_state = ?, pixels_error = ?"
+            " WHERE sop_instance_uid = ?",
+            [(WHOLE if error is None else BROKEN, error, uid) for uid, error in outcomes],
+        )
 
     def retention_candidates(
         self, stored_before: str, require_release: bool, limit: int

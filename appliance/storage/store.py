@@ -11,8 +11,6 @@ import contextlib
 import datetime
 import enum
 import functools
-import os
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,8 +18,6 @@ from typing import Any, TypeVar
 import pydicom
 import trio
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import data_element_generator
-from pydicom.uid import UID
 
 from appliance import outbox
 from appliance.log import get_logger
@@ -34,7 +30,8 @@ from appliance.storage.files import (
     place,
     withdraw,
 )
-from appliance.storage.index import Index, IndexReader, StoredInstance, open_database
+from appliance.storage.index import WHOLE, Index, IndexReader, StoredInstance, open_database
+from appliance.storage.structure import Unsound, check_structure
 
 log = get_logger("storage")
 T = TypeVar("T")
@@ -73,54 +70,8 @@ def _text(dataset: pydicom.Dataset, keyword: str) -> str | None:
     return str(value).strip() or None
 
 
-PIXEL_DATA = 0x7FE00010
-UNDEFINED_LENGTH = 0xFFFFFFFF
-
-
-def check_structure(path: Path, transfer_syntax: UID, dataset_offset: int) -> bool:
-    """Walk the element headers up to Pixel Data without reading values; raise if the lengths
-    run past the end of the file (pydicom's reader truncates silently). True if Pixel Data is
-    present and complete."""
-    if transfer_syntax.is_deflated:
-        return True  # the inflated stream has no file offsets to check; pydicom parsed it
-    implicit, little = transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
-    with path.open("rb") as stream:
-        size = os.fstat(stream.fileno()).st_size
-        stream.seek(dataset_offset)
-        for _element in data_element_generator(
-            stream,
-            implicit,
-            little,
-            stop_when=lambda tag, vr, length: tag == PIXEL_DATA,
-            defer_size=1,
-        ):
-            if stream.tell() > size:
-                break
-        position = stream.tell()
-        if position > size:
-            raise InvalidInstance(Problem.MALFORMED, "malformed dataset: lengths past its end")
-        header = stream.read(8 if implicit else 12)
-    if len(header) < 8:
-        return False
-    length_at = 4 if implicit else 8
-    (length,) = struct.unpack_from("<I" if little else ">I", header, length_at)
-    if length != UNDEFINED_LENGTH and position + len(header) + length > size:
-        raise InvalidInstance(Problem.INCONSISTENT, "Pixel Data truncated")
-    return True
-
-
 def now_utc() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
-
-
-def _dataset_offset(path: Path) -> int:
-    """Where the dataset starts: after the preamble, 'DICM' and the File Meta group, whose
-    length (0002,0000) is the first element (pynetdicom and pydicom always write it)."""
-    with path.open("rb") as stream:
-        head = stream.read(144)
-    if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
-        raise InvalidInstance(Problem.MALFORMED, "no DICOM File Meta group")
-    return 144 + int.from_bytes(head[140:144], "little")
 
 
 def describe(
@@ -138,7 +89,7 @@ def describe(
     try:
         dataset = pydicom.dcmread(path, stop_before_pixels=True)
         transfer_syntax = dataset.file_meta.TransferSyntaxUID
-        has_pixels = check_structure(path, transfer_syntax, _dataset_offset(path))
+        structure = check_structure(path, dataset)
         sop_instance_uid = _text(dataset, "SOPInstanceUID")
         sop_class_uid = _text(dataset, "SOPClassUID")
         study_instance_uid = _text(dataset, "StudyInstanceUID")
@@ -156,6 +107,9 @@ def describe(
             ]
         }
         laterality = _text(dataset, "ImageLaterality") or _text(dataset, "Laterality")
+    except Unsound as exc:
+        problem = Problem.MALFORMED if exc.malformed else Problem.INCONSISTENT
+        raise InvalidInstance(problem, exc.reason) from None
     except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError) as exc:
         raise InvalidInstance(Problem.MALFORMED, f"unreadable dataset: {exc}") from exc
     if not sop_instance_uid:
@@ -166,7 +120,7 @@ def describe(
         raise InvalidInstance(Problem.INCONSISTENT, "SOP Class UID missing or differs from request")
     if not study_instance_uid:
         raise InvalidInstance(Problem.INCONSISTENT, "Study Instance UID missing")
-    if "Rows" in dataset and not has_pixels:
+    if "Rows" in dataset and not structure.has_pixels:
         raise InvalidInstance(Problem.INCONSISTENT, "Pixel Data missing from an image")
     try:
         storage_path = layout.relative_path(sop_instance_uid)
@@ -191,6 +145,7 @@ def describe(
         accession_number=fields["accession_number"],
         modality=fields["modality"],
         view_position=fields["view_position"],
+        pixels_state=WHOLE if structure.proved else None,
     )
 
 
