@@ -221,7 +221,7 @@ class Appliance:
         dicom = self.config.dicom
         door = TrioDoor.current()
         storage_scp = StorageSCP(self.store, door, self.floor)
-        qr_scp = QueryRetrieveSCP(self.store.reader, dicom.destinations)
+        qr_scp = QueryRetrieveSCP(self.store.reader, dicom.destinations, dicom.storage.ae_title)
         commitment = StorageCommitmentSCP(
             self.store, door, dicom.storage.ae_title, dicom.destinations
         )

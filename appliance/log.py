@@ -19,6 +19,9 @@ from typing import Any
 
 from appliance import errors
 
+#: The keys every event line starts with.
+RESERVED = frozenset({"ts", "level", "service", "event"})
+
 
 class _EventFormatter(logging.Formatter):
     def __init__(self, style: str) -> None:
@@ -34,7 +37,10 @@ class _EventFormatter(logging.Formatter):
             "service": record.name.removeprefix("appliance."),
             "event": record.getMessage(),
         }
-        fields.update(getattr(record, "fields", {}))
+        for key, value in getattr(record, "fields", {}).items():
+            # A caller's field never overwrites the event's own keys (a `level=STUDY` would
+            # replace the severity): it keeps its value under a suffixed name.
+            fields[f"{key}_" if key in RESERVED else key] = value
         if record.exc_info and record.exc_info[1] is not None:
             fields.setdefault("error", errors.describe(record.exc_info[1]))
             text = self.formatException(record.exc_info)

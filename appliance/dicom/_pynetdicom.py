@@ -9,21 +9,28 @@ and the two private attributes the storage SCP needs are read here too (pynetdic
 from __future__ import annotations
 
 import socket
+from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pydicom
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import _config, dimse_messages, evt
+from pydicom.uid import UID
+from pynetdicom import _config, acse, dimse_messages, evt
 from pynetdicom.association import Association
-from pynetdicom.dsutils import encode
+from pynetdicom.dimse_primitives import C_MOVE
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.transport import AssociationSocket
 
+from appliance.dicom import syntaxes
 from appliance.dicom.statuses import PENDING
+from appliance.log import get_logger
 from appliance.storage.space import DiskFloor
 from appliance.storage.spool import SpoolFile
+
+log = get_logger("qr-scp")
 
 #: Spool file names start with this; recovery deletes any such file left by a crash.
 SPOOL_PREFIX = "rx-"
@@ -38,6 +45,10 @@ def configure(spool_dir: Path, floor: DiskFloor | None = None) -> None:
     still arriving.
     """
     _config.STORE_RECV_CHUNKED_DATASET = True
+    # A path handed to send_c_store (retrieval) is sent from the file in chunks, as stored;
+    # otherwise pynetdicom reads it whole and re-encodes it (1.3 GB for a 409 MB object, and
+    # group length elements dropped).
+    _config.STORE_SEND_CHUNKED_DATASET = True
     # pynetdicom's standard event logging narrates every PDU and dumps identifiers (patient
     # data); the appliance logs its own one-line events instead.
     _config.LOG_HANDLER_LEVEL = "none"
@@ -53,6 +64,51 @@ def configure(spool_dir: Path, floor: DiskFloor | None = None) -> None:
         Association.send_c_store = _send_c_store  # type: ignore[method-assign]
     if not getattr(AssociationSocket._create_socket, "no_delay", False):
         AssociationSocket._create_socket = _create_socket  # type: ignore[method-assign]
+    if acse.negotiate_as_acceptor is not _negotiate_as_acceptor:  # type: ignore[attr-defined]
+        acse.negotiate_as_acceptor = _negotiate_as_acceptor  # type: ignore[attr-defined]
+    if not getattr(QueryRetrieveServiceClass._move_scp, "checks_first", False):
+        QueryRetrieveServiceClass._move_scp = _move_scp  # type: ignore[method-assign]
+
+
+_move_scp_original = QueryRetrieveServiceClass._move_scp
+
+
+def _move_scp(self: QueryRetrieveServiceClass, req: C_MOVE, context: PresentationContext) -> None:
+    """C-MOVE, checked before pynetdicom opens the sub-association.
+
+    pynetdicom associates with the destination as soon as the handler has named it and said
+    how many instances follow, before it looks at any status: an identifier the handler
+    refuses got 0xC515 with no comment, and an unreachable destination the same 0xA801 as an
+    unknown one. The EVT_C_MOVE handler's owner may offer ``check_move(assoc, request,
+    identifier)``, returning a status dataset to answer at once (nothing is opened) or None.
+    """
+    handler, _args = self.assoc.get_handlers(evt.EVT_C_MOVE) or (None, None)
+    check = getattr(getattr(handler, "__self__", None), "check_move", None)
+    if check is not None:
+        syntax = context.transfer_syntax[0]
+        identifier_stream = cast(BytesIO, req.Identifier)
+        try:
+            identifier = decode(
+                identifier_stream,
+                syntax.is_implicit_VR,
+                syntax.is_little_endian,
+                syntax.is_deflated,
+            )
+        except Exception:
+            identifier = None  # pynetdicom answers an undecodable identifier itself
+        finally:
+            identifier_stream.seek(0)
+        refusal = check(self.assoc, req, identifier) if identifier is not None else None
+        if refusal is not None:
+            rsp = C_MOVE()
+            rsp.MessageIDBeingRespondedTo = req.MessageID
+            rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
+            self.dimse.send_msg(self.validate_status(refusal, rsp), cast(int, context.context_id))
+            return
+    _move_scp_original(self, req, context)
+
+
+_move_scp.checks_first = True  # type: ignore[attr-defined]
 
 
 _create_socket_original = AssociationSocket._create_socket
@@ -75,43 +131,89 @@ _send_c_store_original = Association.send_c_store
 
 def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Any:
     if isinstance(dataset, StoredFile):
-        dataset = dataset.for_association(self)
+        try:
+            dataset = dataset.for_association(self)
+        except Exception as exc:  # this sub-operation fails; pynetdicom goes on to the next
+            log.warning(
+                "qr.instance_not_sent",
+                phase="transfer-syntax" if isinstance(exc, NoSendableSyntax) else "encode",
+                sop_instance_uid=str(dataset.SOPInstanceUID),
+                error=str(exc)[:300],
+            )
+            raise
     return _send_c_store_original(self, dataset, *args, **kwargs)
 
 
 _send_c_store.sends_stored_files = True  # type: ignore[attr-defined]
 
 
+class NoSendableSyntax(Exception):
+    """The peer accepted no transfer syntax the appliance can produce for this instance."""
+
+
 class StoredFile(Dataset):
     """A stored instance for a C-GET or C-MOVE handler to yield in place of a decoded dataset.
 
     pynetdicom's retrieve service classes hand what the handler yields to
-    Association.send_c_store, which accepts a file path and then sends the file's dataset bytes
-    as they are, in chunks. configure() wraps send_c_store so that a StoredFile becomes its path
-    when the peer accepted the stored transfer syntax, and a decoded dataset (pixel data
-    decompressed, so an uncompressed context can carry it) only when it did not.
+    Association.send_c_store. configure() wraps send_c_store so that a StoredFile becomes its
+    path when the peer accepted the stored transfer syntax (pynetdicom then sends the file's
+    dataset bytes as they are, in chunks: flat memory, byte-identical, group lengths
+    included). Otherwise it becomes a dataset in a syntax the peer accepted and the appliance
+    can produce (appliance.dicom.syntaxes.sendable): decoded to uncompressed, or transcoded
+    losslessly; and a stored object with odd-length elements is re-encoded (padded) on the way
+    out, its stored original untouched.
     """
 
     def __init__(
-        self, path: Path, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str
+        self,
+        path: Path,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax_uid: str,
+        *,
+        odd_lengths: bool = False,
     ) -> None:
         super().__init__()
         self.SOPClassUID = sop_class_uid
         self.SOPInstanceUID = sop_instance_uid
-        object.__setattr__(self, "_stored", (path, transfer_syntax_uid))
+        object.__setattr__(self, "_stored", (path, transfer_syntax_uid, odd_lengths))
 
     def for_association(self, assoc: Association) -> Path | Dataset:
         path: Path
-        transfer_syntax: str
-        path, transfer_syntax = object.__getattribute__(self, "_stored")
-        try:
-            assoc._get_valid_context(self.SOPClassUID, transfer_syntax, "scu")
+        stored: str
+        odd_lengths: bool
+        path, stored, odd_lengths = object.__getattribute__(self, "_stored")
+        sop_class = str(self.SOPClassUID)
+        offered = [
+            str(cx.transfer_syntax[0])
+            for cx in assoc.accepted_contexts
+            if cx.abstract_syntax == sop_class and cx.as_scu
+        ]
+        if stored in offered and not odd_lengths:
             return path
-        except ValueError:
-            pass
+        candidates = [stored] if stored in offered else []
+        candidates += [ts for ts in syntaxes.sendable(sop_class) if ts in offered]
+        if not candidates:
+            raise NoSendableSyntax(
+                f"{assoc.requestor.ae_title if assoc.is_acceptor else assoc.acceptor.ae_title}"
+                f" accepted none of the transfer syntaxes the appliance can send for"
+                f" {sop_class} (stored as {stored}): {', '.join(offered) or 'no context'}"
+            )
+        target = candidates[0]
         dataset = pydicom.dcmread(path)
-        if dataset.file_meta.TransferSyntaxUID.is_compressed:
-            dataset.decompress(generate_instance_uid=False)
+        if odd_lengths:
+            # pydicom writes a value it never converted as it read it, odd length and all;
+            # converted values are padded to even on the way out.
+            for _element in dataset.iterall():
+                pass
+        current = UID(dataset.file_meta.TransferSyntaxUID)
+        if target != current:
+            if current.is_encapsulated:
+                dataset.decompress(generate_instance_uid=False)
+            if UID(target).is_encapsulated:
+                dataset.compress(target, generate_instance_uid=False)
+            else:
+                dataset.file_meta.TransferSyntaxUID = UID(target)
         return dataset
 
     @staticmethod
@@ -122,10 +224,46 @@ class StoredFile(Dataset):
         for sop_class, transfer_syntax in sorted(pairs):
             contexts.append(build_context(sop_class, transfer_syntax))
         for sop_class in sorted({sop_class for sop_class, _ in pairs}):
-            contexts.append(
-                build_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-            )
+            contexts.append(build_context(sop_class, list(syntaxes.UNCOMPRESSED)))
         return contexts[:128]
+
+
+_negotiate_original = acse.negotiate_as_acceptor  # type: ignore[attr-defined]
+
+
+def _negotiate_as_acceptor(
+    rq_contexts: list[PresentationContext],
+    ac_contexts: list[PresentationContext],
+    roles: Any = None,
+) -> tuple[list[PresentationContext], list[Any]]:
+    """pynetdicom's negotiation, then the appliance's policy on what it accepted.
+
+    - A context on which the appliance is the sender only (a C-GET requestor's role-reversed
+      storage contexts) takes the requestor's first proposed syntax the appliance can always
+      produce (appliance.dicom.syntaxes.sendable), or is rejected: pynetdicom would take the
+      receive list's compressed-first order and accept what it then cannot send.
+    - A lossy context is rejected when a lossless one of the same class is accepted for
+      receiving: "lossy only when nothing else is proposed" holds across contexts too.
+    """
+    result, reply_roles = _negotiate_original(rq_contexts, ac_contexts, roles)
+    proposed = {cx.context_id: cx.transfer_syntax for cx in rq_contexts}
+    for context in result:
+        if context.result != 0x00 or not context.as_scu or context.as_scp:
+            continue
+        choices = syntaxes.sendable(str(context.abstract_syntax))
+        choice = next((ts for ts in proposed[context.context_id] if ts in choices), None)
+        if choice is None:
+            context.result = 0x04  # transfer syntaxes not supported
+        else:
+            context.transfer_syntax = [UID(choice)]
+    receiving = [cx for cx in result if cx.result == 0x00 and cx.as_scp]
+    lossless = {
+        cx.abstract_syntax for cx in receiving if not syntaxes.is_lossy(cx.transfer_syntax[0])
+    }
+    for context in receiving:
+        if syntaxes.is_lossy(context.transfer_syntax[0]) and context.abstract_syntax in lossless:
+            context.result = 0x04
+    return result, reply_roles
 
 
 def received_spool_file(event: evt.Event) -> SpoolFile:
@@ -169,7 +307,7 @@ class PendingFindWriter:
 
     @staticmethod
     def supports(transfer_syntax: str) -> bool:
-        return transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        return transfer_syntax in syntaxes.UNCOMPRESSED
 
     def _pdv(self, data: bytes, control: int) -> bytes:
         return (len(data) + 2).to_bytes(4, "big") + bytes((self._context_id, control)) + data

@@ -119,12 +119,28 @@ def datetime_bounds(
     return lower, upper
 
 
-def _record_datetime(date_text: str, time_text: str) -> datetime.datetime | None:
-    if not date_text:
+def _record_date(text: str) -> datetime.date | None:
+    """A stored value; one that does not parse matches no range (it never fails the query:
+    one object with a malformed date must not break the answers for all the others)."""
+    try:
+        return _parse_date(text, "record date")
+    except InvalidQuery:
         return None
-    date = _parse_date(date_text, "record date")
-    moment = _parse_time(time_text, "record time", upper=False) if time_text else datetime.time.min
-    return datetime.datetime.combine(date, moment)
+
+
+def _record_time(text: str) -> datetime.time | None:
+    try:
+        return _parse_time(text, "record time", upper=False)
+    except InvalidQuery:
+        return None
+
+
+def _record_datetime(date_text: str, time_text: str) -> datetime.datetime | None:
+    date = _record_date(date_text) if date_text else None
+    if date is None:
+        return None
+    moment = _record_time(time_text) if time_text else datetime.time.min
+    return None if moment is None else datetime.datetime.combine(date, moment)
 
 
 def _match_date_time(query: Dataset, record: Dataset, date_tag: BaseTag) -> bool:
@@ -138,9 +154,9 @@ def _match_date_time(query: Dataset, record: Dataset, date_tag: BaseTag) -> bool
     record_time = _text(record.get(time_tag).value) if time_tag in record else ""
     if not date_text:  # time-only key: compare the time of day
         low, high = time_bounds(time_text, keyword)
-        if not record_time:
+        at = _record_time(record_time) if record_time else None
+        if at is None:
             return False
-        at = _parse_time(record_time, "record time", upper=False)
         return (low is None or at >= low) and (high is None or at <= high)
     lower, upper = datetime_bounds(date_text, time_text, keyword)
     moment = _record_datetime(record_date, record_time)
@@ -192,14 +208,17 @@ def keys(query: Dataset) -> Iterator[DataElement]:
         yield element
 
 
-def matches(query: Dataset, record: Dataset) -> bool:
+def matches(query: Dataset, record: Dataset, *, combined_date_time: bool = True) -> bool:
+    """Whether the record matches every key. With `combined_date_time` a date key and its time
+    key are one date-time range (PS3.4 C.2.2.2.5.1); Query/Retrieve does this only when the
+    SCU negotiated it (C.4.1.1.2 extended negotiation), else each is matched on its own."""
     for element in keys(query):
         tag = element.tag
-        if tag in DATE_TIME_PAIRS:
+        if combined_date_time and tag in DATE_TIME_PAIRS:
             if not _match_date_time(query, record, tag):
                 return False
             continue
-        if tag in PAIRED_TIMES:
+        if combined_date_time and tag in PAIRED_TIMES:
             date_tag = next(d for d, t in DATE_TIME_PAIRS.items() if t == tag)
             if date_tag not in query and not _match_date_time(query, record, date_tag):
                 return False
@@ -207,7 +226,7 @@ def matches(query: Dataset, record: Dataset) -> bool:
         if is_empty(element):
             continue
         if element.VR == "SQ":
-            if not _match_sequence(element, record.get(tag)):
+            if not _match_sequence(element, record.get(tag), combined_date_time):
                 return False
             continue
         if tag not in record:
@@ -227,12 +246,16 @@ def _match_temporal(element: DataElement, record_element: DataElement) -> bool:
         return False
     if element.VR == "DA":
         low, high = date_bounds(text, element.keyword)
-        day = _parse_date(have, "record date")
-        return (low is None or day >= low) and (high is None or day <= high)
+        day = _record_date(have)
+        return day is not None and (low is None or day >= low) and (high is None or day <= high)
     if element.VR == "TM":
         earliest, latest = time_bounds(text, element.keyword)
-        moment = _parse_time(have, "record time", upper=False)
-        return (earliest is None or moment >= earliest) and (latest is None or moment <= latest)
+        moment = _record_time(have)
+        return (
+            moment is not None
+            and (earliest is None or moment >= earliest)
+            and (latest is None or moment <= latest)
+        )
     # DT: YYYYMMDDHHMMSS; compare as strings padded to the same precision
     low_text, high_text, _ = _range(text)
     have = have[:14]
@@ -241,12 +264,17 @@ def _match_temporal(element: DataElement, record_element: DataElement) -> bool:
     )
 
 
-def _match_sequence(element: DataElement, record_element: DataElement | None) -> bool:
+def _match_sequence(
+    element: DataElement, record_element: DataElement | None, combined_date_time: bool
+) -> bool:
     item = element.value[0]
     record_items = record_element.value if record_element is not None else []
     if not record_items:
         return all(is_empty(e) for e in keys(item))
-    return any(matches(item, record_item) for record_item in record_items)
+    return any(
+        matches(item, record_item, combined_date_time=combined_date_time)
+        for record_item in record_items
+    )
 
 
 def project(query: Dataset, record: Dataset) -> Dataset:

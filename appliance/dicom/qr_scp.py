@@ -12,14 +12,18 @@ syntax, and decodes only when it did not (see appliance.dicom._pynetdicom.Stored
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
+from typing import cast
 
 import pydicom
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_MOVE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made at import time
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -36,7 +40,10 @@ from appliance.dicom.server import Contexts, Handler
 from appliance.dicom.statuses import (
     CANCELLED,
     IDENTIFIER_MISMATCH,
+    MOVE_DESTINATION_UNKNOWN,
     PENDING,
+    PENDING_WITH_UNSUPPORTED_KEYS,
+    SUBOPERATIONS_IMPOSSIBLE,
     SUCCESS,
     UNABLE_TO_PROCESS,
     status,
@@ -67,6 +74,8 @@ QR_CONTEXTS: Contexts = [
 ]
 
 LEVELS = ["PATIENT", "STUDY", "SERIES", "IMAGE"]
+#: How long a move destination may take to accept a TCP connection before 0xA702.
+REACH_TIMEOUT_S = 5.0
 #: Each level's unique key and the index column that holds it.
 UNIQUE = {
     "PATIENT": ("PatientID", "patient_id"),
@@ -130,7 +139,20 @@ LEVEL_KEYS = {
         "PresentationIntentType",
     },
 }
-ALWAYS_ALLOWED = {"SpecificCharacterSet", "QueryRetrieveLevel", "TimezoneOffsetFromUTC"}
+ALWAYS_ALLOWED = {
+    "SpecificCharacterSet",
+    "QueryRetrieveLevel",
+    "TimezoneOffsetFromUTC",
+    "RetrieveAETitle",
+}
+#: Extended negotiation of C-FIND (PS3.4 C.5.1.1.1): byte 2 asks for combined date-time
+#: matching, the only option the SCP offers (relational queries, fuzzy semantic matching and
+#: timezone adjustment are answered 0).
+COMBINED_DATE_TIME = 1
+FIND_SOP_CLASSES = {
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+}
 
 
 class InvalidIdentifier(Exception):
@@ -138,10 +160,26 @@ class InvalidIdentifier(Exception):
 
 
 def _single(element_value: object) -> str | None:
+    """A unique key's single value. Unique keys are LO (Patient ID) or UI: neither has range
+    matching, so '-' is an ordinary character (Patient IDs such as 'NHS-123' exist)."""
     text = "" if element_value is None else str(element_value)
-    if not text or any(c in text for c in "*?\\-"):
+    if not text or any(c in text for c in "*?\\"):
         return None
     return text
+
+
+def unsupported_keys(identifier: Dataset, level: str) -> list[str]:
+    """Optional keys outside the attributes the SCP matches at `level` and above: answered
+    from the stored header where it has them, but neither promised nor always matched, so
+    the pending status says so (0xFF01)."""
+    known = set(ALWAYS_ALLOWED)
+    for name in LEVELS[: LEVELS.index(level) + 1]:
+        known |= LEVEL_KEYS[name]
+    return sorted(
+        element.keyword or str(element.tag)
+        for element in identifier
+        if element.tag.element != 0 and element.keyword not in known
+    )
 
 
 def check_identifier(identifier: Dataset, sop_class: str) -> str:
@@ -236,20 +274,47 @@ def _sop_class(event: evt.Event) -> str:
 
 
 class QueryRetrieveSCP:
-    def __init__(self, index: IndexReader, destinations: tuple[DestinationConfig, ...]) -> None:
+    def __init__(
+        self, index: IndexReader, destinations: tuple[DestinationConfig, ...], ae_title: str
+    ) -> None:
         self._index = index
         self._destinations = {d.ae_title: d for d in destinations}
+        #: Where the answers can be retrieved from: this AE (PS3.4 C.4.1.1.3.2).
+        self._ae_title = ae_title
 
     def handlers(self) -> list[Handler]:
         return [
             (evt.EVT_C_FIND, self.handle_find),
             (evt.EVT_C_GET, self.handle_get),
             (evt.EVT_C_MOVE, self.handle_move),
+            (evt.EVT_SOP_EXTENDED, self.handle_extended_negotiation),
         ]
+
+    @staticmethod
+    def handle_extended_negotiation(event: evt.Event) -> dict[str, bytes]:
+        """Accept combined date-time matching for C-FIND when asked; nothing else."""
+        accepted = {}
+        requested: dict[str, bytes] = getattr(event, "app_info", None) or {}
+        for sop_class, info in requested.items():
+            if sop_class in FIND_SOP_CLASSES and info:
+                flags = bytearray(len(info))
+                if len(info) > COMBINED_DATE_TIME and info[COMBINED_DATE_TIME] == 1:
+                    flags[COMBINED_DATE_TIME] = 1
+                accepted[sop_class] = bytes(flags)
+        return accepted
+
+    @staticmethod
+    def combined_date_time(event: evt.Event) -> bool:
+        """Whether this association negotiated combined date-time matching for the model."""
+        negotiated = cast(dict[str, bytes], event.assoc.acceptor.sop_class_extended)
+        info = negotiated.get(_sop_class(event), b"")
+        return len(info) > COMBINED_DATE_TIME and info[COMBINED_DATE_TIME] == 1
 
     # --- C-FIND -------------------------------------------------------------------------------
 
-    def matches(self, identifier: Dataset, level: str) -> Iterator[Dataset]:
+    def matches(
+        self, identifier: Dataset, level: str, *, combined_date_time: bool = False
+    ) -> Iterator[Dataset]:
         """Each matching entity's answer, in study order."""
         query = Dataset()
         for element in identifier:
@@ -264,10 +329,11 @@ class QueryRetrieveSCP:
             record = entity_record(
                 level, rows, pydicom.dcmread(self._index.path(rows[0]), stop_before_pixels=True)
             )
-            if not matching.matches(query, record):
+            if not matching.matches(query, record, combined_date_time=combined_date_time):
                 continue
             answer = matching.project(query, record)
             answer.QueryRetrieveLevel = level
+            answer.RetrieveAETitle = self._ae_title
             if "SpecificCharacterSet" in record:
                 answer.SpecificCharacterSet = record.SpecificCharacterSet
             yield answer
@@ -280,13 +346,16 @@ class QueryRetrieveSCP:
         try:
             identifier = event.identifier
             level = check_identifier(identifier, _sop_class(event))
-            for answer in self.matches(identifier, level):
+            unsupported = unsupported_keys(identifier, level)
+            pending = PENDING_WITH_UNSUPPORTED_KEYS if unsupported else PENDING
+            combined = self.combined_date_time(event)
+            for answer in self.matches(identifier, level, combined_date_time=combined):
                 if event.is_cancelled:
                     log.info("qr.find_cancelled", calling_ae=calling_ae, answered=answered)
                     yield CANCELLED, None
                     return
                 answered += 1
-                yield PENDING, answer
+                yield pending, answer
         except (InvalidIdentifier, matching.InvalidQuery) as exc:
             log.warning(
                 "qr.query_rejected", phase="identifier", reason=str(exc), calling_ae=calling_ae
@@ -300,7 +369,7 @@ class QueryRetrieveSCP:
         log.info(
             "qr.find",
             calling_ae=calling_ae,
-            level=level,
+            query_level=level,
             matches=answered,
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
@@ -342,6 +411,7 @@ class QueryRetrieveSCP:
                     row["sop_class_uid"],
                     row["sop_instance_uid"],
                     row["transfer_syntax_uid"],
+                    odd_lengths=bool(row["odd_lengths"]),
                 ),
             )
         log.info(
@@ -351,6 +421,48 @@ class QueryRetrieveSCP:
             instances=len(rows),
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
+
+    def check_move(
+        self, assoc: Association, request: C_MOVE, identifier: Dataset
+    ) -> Dataset | None:
+        """A C-MOVE's refusal before any sub-association is opened (see
+        appliance.dicom._pynetdicom), or None to go ahead: an unknown destination (0xA801), an
+        invalid identifier (0xA900), a destination that does not answer (0xA702)."""
+        calling_ae = assoc.requestor.ae_title
+        target = str(request.MoveDestination or "").strip()
+        known = self._destinations.get(target)
+        if known is None:
+            log.warning(
+                "qr.retrieve_rejected",
+                phase="destination",
+                destination=target,
+                calling_ae=calling_ae,
+            )
+            return status(MOVE_DESTINATION_UNKNOWN, f"Move destination {target} is not configured")
+        try:
+            self._instances(identifier, str(request.AffectedSOPClassUID or ""))
+        except InvalidIdentifier as exc:
+            log.warning(
+                "qr.retrieve_rejected", phase="identifier", reason=str(exc), calling_ae=calling_ae
+            )
+            return status(IDENTIFIER_MISMATCH, str(exc))
+        try:
+            socket.create_connection((known.host, known.port), timeout=REACH_TIMEOUT_S).close()
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            log.error(
+                "qr.destination_unreachable",
+                phase="connect",
+                destination=target,
+                host=known.host,
+                port=known.port,
+                error=reason,
+                calling_ae=calling_ae,
+            )
+            return status(
+                SUBOPERATIONS_IMPOSSIBLE, f"Cannot reach {target} at {known.host}:{known.port}"
+            )
+        return None
 
     def handle_get(self, event: evt.Event) -> Iterator[int | tuple[int | Dataset, Dataset | None]]:
         METRICS.inc("retrieve_total", verb="c-get")

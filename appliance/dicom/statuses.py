@@ -11,6 +11,8 @@ from pydicom import Dataset
 
 SUCCESS = 0x0000
 PENDING = 0xFF00
+#: C-FIND pending when the identifier had optional keys the SCP does not support (PS3.4 C.4.1).
+PENDING_WITH_UNSUPPORTED_KEYS = 0xFF01
 CANCELLED = 0xFE00
 
 # General (PS3.7 C): N-CREATE, N-SET, N-ACTION; also Failure Reasons in commitment reports.
@@ -39,6 +41,8 @@ DUPLICATE_CONFLICT = 0xB000
 IDENTIFIER_MISMATCH = 0xA900
 UNABLE_TO_PROCESS = 0xC000
 MOVE_DESTINATION_UNKNOWN = 0xA801
+#: "Out of resources - unable to perform sub-operations": e.g. the destination cannot be reached.
+SUBOPERATIONS_IMPOSSIBLE = 0xA702
 
 
 def status(code: int, comment: str, error_id: int | None = None) -> Dataset:

@@ -14,21 +14,6 @@ from pathlib import Path
 from typing import Any, cast
 
 from pydicom import Dataset
-from pydicom.uid import (
-    JPEG2000,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
 from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 
@@ -38,6 +23,7 @@ from appliance.dicom._pynetdicom import received_spool_file
 from appliance.dicom.door import ApplianceStopping, TrioDoor
 from appliance.dicom.server import Contexts, Handler
 from appliance.dicom.statuses import status
+from appliance.dicom.syntaxes import accepted_for
 from appliance.log import get_logger
 from appliance.metrics import METRICS
 from appliance.storage.space import DiskFloor
@@ -53,25 +39,6 @@ from appliance.storage.store import (
 
 log = get_logger("storage-scp")
 
-#: pynetdicom accepts the first of *these* that the modality proposes, so the order is policy:
-#: lossless compressed first (smaller on disk and on the uplink; all decodable by the pylibjpeg
-#: and OpenJPEG plugins we ship), then uncompressed, and lossy only if nothing else is offered.
-TRANSFER_SYNTAXES = [
-    JPEG2000Lossless,
-    JPEGLSLossless,
-    JPEGLosslessSV1,
-    JPEGLossless,
-    RLELossless,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    JPEGLSNearLossless,
-    JPEG2000,
-    JPEGExtended12Bit,
-    JPEGBaseline8Bit,
-]
-
 #: What each reason a dataset cannot be stored is answered with (PS3.4 B.2.3).
 PROBLEM_STATUS = {
     Problem.MALFORMED: statuses.CANNOT_UNDERSTAND,
@@ -79,7 +46,8 @@ PROBLEM_STATUS = {
 }
 
 STORAGE_CONTEXTS: Contexts = [
-    (str(cx.abstract_syntax), TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts
+    (str(cx.abstract_syntax), accepted_for(str(cx.abstract_syntax)))
+    for cx in AllStoragePresentationContexts
 ]
 
 

@@ -34,6 +34,8 @@ PIPELINE_COLUMNS = [
 #: Whether the pixel data is proved whole: WHOLE (native and complete, or every frame decoded),
 #: BROKEN (a frame does not decode; pixels_error says why), NULL (not decoded yet).
 PIXELS_COLUMNS = [("pixels_state", "TEXT"), ("pixels_error", "TEXT")]
+#: 1 when an element has an odd length: stored as received, re-encoded (padded) when sent.
+ENCODING_COLUMNS = [("odd_lengths", "INTEGER NOT NULL DEFAULT 0")]
 WHOLE, BROKEN = "WHOLE", "BROKEN"
 RELEASE_COLUMNS = [
     ("committed_at", "TEXT"),  # UTC: storage commitment confirmed it to a modality
@@ -129,6 +131,7 @@ class StoredInstance:
     fetched_at: str | None = None
     pixels_state: str | None = None
     pixels_error: str | None = None
+    odd_lengths: int = 0
 
 
 _COLUMNS = [a.name for a in attrs.fields(StoredInstance)]
@@ -141,7 +144,7 @@ def _utc_now() -> str:
 def migrate(db: sqlite3.Connection) -> None:
     """Columns added after the first release, added in place when missing."""
     present = {row["name"] for row in db.execute("PRAGMA table_info(stored_instances)")}
-    for name, declaration in PIPELINE_COLUMNS + RELEASE_COLUMNS + PIXELS_COLUMNS:
+    for name, declaration in PIPELINE_COLUMNS + RELEASE_COLUMNS + PIXELS_COLUMNS + ENCODING_COLUMNS:
         if name not in present:
             db.execute(f"ALTER TABLE stored_instances ADD COLUMN {name} {declaration}")
     db.execute(

@@ -31,7 +31,7 @@ from appliance.storage.files import (
     withdraw,
 )
 from appliance.storage.index import WHOLE, Index, IndexReader, StoredInstance, open_database
-from appliance.storage.structure import Unsound, check_structure
+from appliance.storage.structure import Unsound, check_structure, has_odd_lengths
 
 log = get_logger("storage")
 T = TypeVar("T")
@@ -88,6 +88,7 @@ def describe(
     """Read a stored/spooled file's header (never its pixel data) into an index row."""
     try:
         dataset = pydicom.dcmread(path, stop_before_pixels=True)
+        odd_header = has_odd_lengths(dataset)  # first: raw elements still know their lengths
         transfer_syntax = dataset.file_meta.TransferSyntaxUID
         structure = check_structure(path, dataset)
         sop_instance_uid = _text(dataset, "SOPInstanceUID")
@@ -146,6 +147,7 @@ def describe(
         modality=fields["modality"],
         view_position=fields["view_position"],
         pixels_state=WHOLE if structure.proved else None,
+        odd_lengths=int(structure.odd_length or odd_header),
     )
 
 

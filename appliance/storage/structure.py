@@ -56,6 +56,8 @@ class Structure:
     proved: bool
     #: Encapsulated pixel data: each fragment's (file offset, length), offset table excluded.
     fragments: tuple[tuple[int, int], ...] = ()
+    #: The pixel data element's own length is odd (PS3.5 7.1.1 says even).
+    odd_length: bool = False
 
 
 def dataset_offset(path: Path) -> int:
@@ -173,7 +175,7 @@ def check_structure(path: Path, header: pydicom.Dataset) -> Structure:
         expected = _expected_native_bytes(header, found[0])
         if expected is not None and length < expected:
             raise Unsound(f"Pixel Data holds {length} bytes, the image needs {expected}")
-        return Structure(has_pixels=True, proved=True)
+        return Structure(has_pixels=True, proved=True, odd_length=bool(length % 2))
 
 
 #: Where a codestream starts and ends (PS3.5 A.4: JPEG, JPEG-LS and JPEG 2000 frames are whole
@@ -219,6 +221,22 @@ def _check_markers(
                 raise Unsound(f"frame {number}: codestream does not begin with its start marker")
             if not tail.endswith(END_OF_IMAGE):
                 raise Unsound(f"frame {number}: codestream cut short (no end-of-image marker)")
+
+
+def has_odd_lengths(dataset: pydicom.Dataset) -> bool:
+    """Whether any element (nested sequences included) has an odd value length, which PS3.5
+    7.1.1 forbids and some peers (dcmtk's storescp) abort on. Such objects are stored as they
+    arrived and repaired (re-encoded, padded) only on the way out."""
+    for tag in dataset.keys():  # noqa: SIM118  (iterating a Dataset converts its elements)
+        raw = dataset.get_item(tag)
+        length = getattr(raw, "length", None)
+        if length is not None and length != UNDEFINED_LENGTH and length % 2:
+            return True
+        if raw is not None and (getattr(raw, "VR", None) == "SQ" or length == UNDEFINED_LENGTH):
+            value = dataset[tag].value
+            if isinstance(value, pydicom.Sequence) and any(has_odd_lengths(i) for i in value):
+                return True
+    return False
 
 
 def decode_all(path: Path) -> int:
