@@ -302,3 +302,88 @@ def large_object(path: Path, pixel_bytes: int) -> Path:
         out.write(b"\xe0\x7f\x10\x00OW\x00\x00" + length.to_bytes(4, "little"))
         out.truncate(out.tell() + length)
     return path
+
+
+class OrthancProcess:
+    """Debian's Orthanc as a peer: its own process, JSON config and storage under `workdir`,
+    DICOM and REST on free loopback ports. `modalities` maps a name to (AE, host, port)."""
+
+    def __init__(
+        self, workdir: Path, modalities: dict[str, tuple[str, str, int]], ae_title: str = "ORTHANC"
+    ) -> None:
+        import shutil
+
+        if shutil.which("Orthanc") is None:
+            raise RuntimeError("Orthanc is not installed: apt-get install orthanc (just deps)")
+        self.ae_title = ae_title
+        self.dicom_port, self.http_port = _free_port(), _free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "peer",
+            "StorageDirectory": str(workdir / "orthanc-storage"),
+            "IndexDirectory": str(workdir / "orthanc-index"),
+            "DicomAet": ae_title,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomModalities": {name: list(entry) for name, entry in modalities.items()},
+            "DicomScuTimeout": 30,
+            "Plugins": [],
+        }
+        self.config_path = workdir / "orthanc.json"
+        self.config_path.write_text(json.dumps(config))
+        self.log_path = workdir / "orthanc.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> OrthancProcess:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            ["Orthanc", str(self.config_path)], stdout=self._log, stderr=self._log
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                self.get("/system")
+                return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"Orthanc did not start: {self.log_path.read_text()[-2000:]}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+    def request(self, method: str, path: str, body: Any = None, *, raw: bool = False) -> Any:
+        import urllib.request
+
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            text = response.read()
+        if raw:
+            return text
+        return json.loads(text) if text else None
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: Any) -> Any:
+        return self.request("POST", path, body)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -266,7 +266,8 @@ def getscu(site, tmp_path: Path, *flags: str) -> Path:
     out = tmp_path / "get"
     out.mkdir()
     result = subprocess.run(
-        ["getscu", "-S", *flags, "-aec", "SCREENING_PACS", "-aet", "MODALITY1", "-od", str(out),
+        ["getscu", "-S", "+B", *flags, "-aec", "SCREENING_PACS", "-aet", "MODALITY1",
+         "-od", str(out),
          "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid(site['beth'])}",
          "127.0.0.1", str(site["app"].ports["storage"])],
         capture_output=True, text=True, timeout=60,
@@ -299,7 +300,7 @@ def test_c_move_to_a_dcmtk_storescp_is_byte_identical(site, tmp_path):
     out.mkdir()
     port = site["ports"]["DEST"]
     storescp = subprocess.Popen(
-        ["storescp", "-aet", "DEST", "-od", str(out), "+xa", str(port)],
+        ["storescp", "+B", "-aet", "DEST", "-od", str(out), "+xa", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -378,7 +378,8 @@ def getscu(site, tmp_path: Path, study: str, *flags: str) -> tuple[Path, str]:
     out = tmp_path / f"get-{time.monotonic_ns()}"
     out.mkdir()
     result = subprocess.run(
-        ["getscu", "-S", *flags, "-aec", "SCREENING_PACS", "-aet", "MODALITY1", "-od", str(out),
+        ["getscu", "-S", "+B", *flags, "-aec", "SCREENING_PACS", "-aet", "MODALITY1",
+         "-od", str(out),
          "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
          "127.0.0.1", str(site["app"].ports["storage"])],
         capture_output=True, text=True, timeout=60,

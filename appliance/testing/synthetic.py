@@ -37,6 +37,37 @@ def breast_pixels(rows: int, columns: int, laterality: str, bits_stored: int = 1
     return pixels
 
 
+#: SNOMED CT codes of the views (PS3.16 CID 4014) and the breast (CID 4013).
+VIEW_CODES = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique")}
+BREAST_CODE = ("76752008", "Breast")
+
+
+def _code(value: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "SCT", meaning
+    return item
+
+
+def _mammography_image_module(ds: Dataset, laterality: str, view: str) -> None:
+    """What the Digital Mammography X-Ray Image IOD requires beyond the basics (PS3.3 A.27),
+    so that dciodvfy finds no error in what the tests send and what comes back."""
+    ds.ReferringPhysicianName = ""
+    ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
+    ds.PatientOrientation = ["A", "R"] if laterality == "L" else ["P", "L"]
+    ds.AnatomicRegionSequence = [_code(*BREAST_CODE)]
+    ds.PixelIntensityRelationship = "LOG"
+    ds.PixelIntensityRelationshipSign = 1
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.LossyImageCompression = "00"
+    ds.DetectorType = "DIRECT"
+    ds.ImagerPixelSpacing = [0.07, 0.07]
+    ds.PositionerType = "MAMMOGRAPHIC"
+    ds.OrganExposed = "BREAST"
+    ds.ViewCodeSequence = [_code(*VIEW_CODES.get(view, VIEW_CODES["CC"]))]
+    ds.ViewCodeSequence[0].ViewModifierCodeSequence = []
+    ds.AcquisitionContextSequence = []
+
+
 def mammogram(
     *,
     laterality: str = "L",
@@ -83,6 +114,8 @@ def mammogram(
     ds.PixelRepresentation = 0
     ds.WindowCenter, ds.WindowWidth = 2048, 4096
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
+    if frames == 1:
+        _mammography_image_module(ds, laterality, view)
     pixels = breast_pixels(rows, columns, laterality)
     if frames > 1:
         ds.NumberOfFrames = frames
