@@ -13,6 +13,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import pydicom
 from pydicom import Dataset
 from pydicom.uid import UID
@@ -147,6 +148,15 @@ def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) ->
 _send_c_store.sends_stored_files = True  # type: ignore[attr-defined]
 
 
+def _swap_native_pixels(dataset: Dataset) -> None:
+    """Big Endian (stored before it was refused) to Little Endian: pydicom re-encodes every
+    value but keeps OW pixel bytes as they were read, which would swap each pixel's bytes."""
+    bits = int(dataset.get("BitsAllocated", 8) or 8)
+    if "PixelData" in dataset and bits > 8:
+        words = np.frombuffer(dataset.PixelData, dtype=f">u{bits // 8}")
+        dataset.PixelData = words.astype(f"<u{bits // 8}").tobytes()
+
+
 class NoSendableSyntax(Exception):
     """The peer accepted no transfer syntax the appliance can produce for this instance."""
 
@@ -208,6 +218,8 @@ class StoredFile(Dataset):
                 pass
         current = UID(dataset.file_meta.TransferSyntaxUID)
         if target != current:
+            if not current.is_little_endian:
+                _swap_native_pixels(dataset)
             if current.is_encapsulated:
                 dataset.decompress(generate_instance_uid=False)
             if UID(target).is_encapsulated:
