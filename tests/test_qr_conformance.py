@@ -463,3 +463,42 @@ def test_a_lossy_context_is_accepted_only_when_nothing_lossless_is(site):
     assert beside == [(MG, uid.ExplicitVRLittleEndian)]
     alone = _negotiate(site, [build_context(MG, [uid.JPEGBaseline8Bit])])
     assert alone == [(MG, uid.JPEGBaseline8Bit)]
+
+
+def test_a_destination_that_drops_the_association_fails_one_instance_not_the_move(site):
+    """The destination aborts on the first C-STORE: that sub-operation fails, the others go
+    on a new association at once (no wait for the DIMSE timeout)."""
+    received: list[str] = []
+
+    def on_store(event):
+        if not received:
+            received.append("aborted")
+            event.assoc.abort()
+            return 0xC000
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    ae = AE("DEST")
+    ae.add_supported_context(
+        MG, [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.JPEG2000Lossless,
+             uid.RLELossless]
+    )  # fmt: skip
+    server = ae.start_server(
+        ("127.0.0.1", site["ports"]["DEST"]),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    identifier = study_query()
+    identifier.StudyInstanceUID = str(pydicom.dcmread(site["mixed"][0]).StudyInstanceUID)
+    started = time.monotonic()
+    try:
+        responses = pynetdicom_move(site, "DEST", identifier)
+    finally:
+        server.shutdown()
+    elapsed = time.monotonic() - started
+    final = responses[-1]
+    assert final.Status == 0xB000, final  # sub-operations complete, one or more failures
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (2, 1)
+    assert len(received) == 3
+    assert elapsed < 15
+    assert "event=qr.destination_reassociated destination=DEST" in site["app"].log()

@@ -63,6 +63,7 @@ def configure(spool_dir: Path, floor: DiskFloor | None = None) -> None:
     dimse_messages.NamedTemporaryFile = spool_file  # type: ignore[attr-defined,assignment]
     if not getattr(Association.send_c_store, "sends_stored_files", False):
         Association.send_c_store = _send_c_store  # type: ignore[method-assign]
+        Association.release = _release  # type: ignore[method-assign]
     if not getattr(AssociationSocket._create_socket, "no_delay", False):
         AssociationSocket._create_socket = _create_socket  # type: ignore[method-assign]
     if acse.negotiate_as_acceptor is not _negotiate_as_acceptor:  # type: ignore[attr-defined]
@@ -131,18 +132,64 @@ _send_c_store_original = Association.send_c_store
 
 
 def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Any:
-    if isinstance(dataset, StoredFile):
-        try:
-            dataset = dataset.for_association(self)
-        except Exception as exc:  # this sub-operation fails; pynetdicom goes on to the next
-            log.warning(
-                "qr.instance_not_sent",
-                phase="transfer-syntax" if isinstance(exc, NoSendableSyntax) else "encode",
-                sop_instance_uid=str(dataset.SOPInstanceUID),
-                error=str(exc)[:300],
-            )
-            raise
-    return _send_c_store_original(self, dataset, *args, **kwargs)
+    """A retrieve's sub-operation. On a C-MOVE sub-association (the appliance the requestor)
+    whose destination dropped it, the remaining instances go on a new association (once):
+    otherwise each would wait out the DIMSE timeout on the dead one and fail in turn."""
+    if not isinstance(dataset, StoredFile):
+        return _send_c_store_original(self, dataset, *args, **kwargs)
+    assoc = _live(self) if self.is_requestor else self
+    try:
+        payload = dataset.for_association(assoc)
+    except Exception as exc:  # this sub-operation fails; pynetdicom goes on to the next
+        log.warning(
+            "qr.instance_not_sent",
+            phase="transfer-syntax" if isinstance(exc, NoSendableSyntax) else "encode",
+            sop_instance_uid=str(dataset.SOPInstanceUID),
+            error=str(exc)[:300],
+        )
+        raise
+    status = _send_c_store_original(assoc, payload, *args, **kwargs)
+    if "Status" not in status and assoc.is_requestor:  # no answer: the destination is gone
+        assoc._appliance_dead = True  # type: ignore[attr-defined]
+        log.warning(
+            "qr.destination_dropped",
+            phase="sub-operation",
+            destination=str(assoc.acceptor.ae_title),
+            sop_instance_uid=str(dataset.SOPInstanceUID),
+        )
+    return status
+
+
+def _live(assoc: Association) -> Association:
+    """The association to send on: `assoc`, or the one that replaced it when it died."""
+    replacement: Association | None = getattr(assoc, "_appliance_replacement", None)
+    current = replacement or assoc
+    if current.is_established and not getattr(current, "_appliance_dead", False):
+        return current
+    if replacement is not None:  # one replacement per sub-association, then give up
+        raise ConnectionError(f"{assoc.acceptor.ae_title} dropped the association again")
+    fresh = assoc.ae.associate(
+        assoc.acceptor.address,
+        assoc.acceptor.port,
+        contexts=assoc.requestor.requested_contexts,
+        ae_title=assoc.acceptor.ae_title,
+    )
+    assoc._appliance_replacement = fresh  # type: ignore[attr-defined]
+    if not fresh.is_established:
+        raise ConnectionError(f"cannot associate with {assoc.acceptor.ae_title} again")
+    log.info("qr.destination_reassociated", destination=str(assoc.acceptor.ae_title))
+    return fresh
+
+
+_release_original = Association.release
+
+
+def _release(self: Association) -> None:
+    """Releasing a C-MOVE sub-association releases what replaced it too."""
+    replacement: Association | None = getattr(self, "_appliance_replacement", None)
+    if replacement is not None and replacement.is_established:
+        replacement.release()
+    _release_original(self)
 
 
 _send_c_store.sends_stored_files = True  # type: ignore[attr-defined]
