@@ -189,18 +189,31 @@ def commitment_report(site, references: list[tuple[str, str]]) -> Dataset:
     return report
 
 
-def test_a_codestream_that_does_not_decode_is_stored_but_never_committed(site, tmp_path):
-    """The item structure is sound (lengths fixed up), the JPEG-LS codestream inside is cut:
-    only decoding finds it. Commitment asked at once (before the pipeline may have got there)
-    and again (from what the index remembers); the pipeline reports it failed at decode."""
-    source = compressed(tmp_path, "source", uid.JPEGLSLossless)  # never sent itself
+DAMAGE = {
+    # JPEG-LS cut inside sound items: found by the missing end-of-image marker.
+    "jpeg-ls cut": (uid.JPEGLSLossless, lambda fragment: fragment[: (len(fragment) // 3) & ~1]),
+    # OpenJPEG's codestream cut with its end marker put back: only the decoder can tell.
+    "jpeg 2000 cut, EOC kept": (
+        uid.JPEG2000Lossless,
+        lambda fragment: fragment[: (len(fragment) // 3) & ~1] + b"\xff\xd9",
+    ),
+    # RLE segments cut short: the decoder finds its segment table does not fit.
+    "rle cut": (uid.RLELossless, lambda fragment: fragment[: (len(fragment) // 3) & ~1]),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_codestream_that_does_not_decode_is_stored_but_never_committed(site, tmp_path, damage):
+    """The item structure is sound (lengths fixed up), the codestream inside is not: nothing at
+    receive can tell. Commitment asked at once (before the pipeline may have got there) and
+    again (from what the index remembers); the pipeline reports it failed at decode."""
+    syntax, cut = DAMAGE[damage]
+    source = compressed(tmp_path, "source", syntax)  # never sent itself
     data = source.read_bytes()
     start, length = _last_fragment(data)
-    kept = (length // 3) & ~1
+    damaged = cut(data[start : start + length])
     broken = tmp_path / "broken.dcm"
-    broken.write_bytes(
-        data[: start - 4] + struct.pack("<I", kept) + data[start : start + kept] + DELIMITER
-    )
+    broken.write_bytes(data[: start - 4] + struct.pack("<I", len(damaged)) + damaged + DELIMITER)
     good = [
         compressed(tmp_path, "ls", uid.JPEGLSLossless),
         compressed(tmp_path, "j2k", uid.JPEG2000Lossless),

@@ -87,6 +87,14 @@ def site(tmp_path_factory):
     (files / "broken.dcm").write_bytes(
         data.replace(good_date, b"\x08\x00\x20\x00DA\x0a\x002026.11.30")
     )
+    # And a date that is no date at all (month 13).
+    invalid = pydicom.dcmread(image("invalid", patient_id="9990000036", accession_number="ACCI"))
+    invalid.StudyDate = "20261130"
+    invalid.save_as(files / "invalid.dcm", enforce_file_format=True)
+    data = (files / "invalid.dcm").read_bytes()
+    (files / "invalid.dcm").write_bytes(
+        data.replace(good_date, b"\x08\x00\x20\x00DA\x08\x0020261330")
+    )
     # One study in three syntaxes (two from dcmtk's encoders) and one odd-length object.
     mixed_study = pydicom.uid.generate_uid()
     plain = [
@@ -114,6 +122,7 @@ def site(tmp_path_factory):
         hyphen,
         files / "dated.dcm",
         files / "broken.dcm",
+        files / "invalid.dcm",
         *mixed,
         odd,
         after_odd,
@@ -184,16 +193,18 @@ def study_query(**keys: str) -> Dataset:
 
 
 def test_a_malformed_stored_date_does_not_break_date_queries_for_other_studies(site, tmp_path):
+    """ACCD on 2026-12-01; ACCB written 2026.11.30 (the pre-3.0 form, read as a date); ACCI's
+    date is no date (month 13): it matches no range, and breaks nothing."""
     answers = findscu(
         site, "-S", {"QueryRetrieveLevel": "STUDY", "StudyDate": "20261130-20261201",
                      "AccessionNumber": None}, tmp_path,
     )  # fmt: skip
-    assert [a.AccessionNumber for a in answers] == ["ACCD"]
+    assert sorted(a.AccessionNumber for a in answers) == ["ACCB", "ACCD"]
     everyone = findscu(
-        site, "-S", {"QueryRetrieveLevel": "STUDY", "StudyDate": None, "AccessionNumber": "ACCB"},
+        site, "-S", {"QueryRetrieveLevel": "STUDY", "StudyDate": None, "AccessionNumber": "ACCI"},
         tmp_path,
     )  # fmt: skip
-    assert [a.StudyDate for a in everyone] == ["2026.11.30"]  # answered as stored
+    assert [a.StudyDate for a in everyone] == ["20261330"]  # answered as stored
 
 
 def test_a_patient_id_with_hyphens_is_a_single_value_not_a_range(site, tmp_path):
@@ -246,7 +257,9 @@ def test_date_and_time_ranges_combine_only_when_negotiated(site):
     """Study on 2026-12-01 at 06:35. StudyDate 20261130-20261201 with StudyTime 0700-0800:
     separately, 06:35 is outside 07:00-08:00; as one date-time range (negotiated), it is
     inside 2026-11-30 07:00 .. 2026-12-01 08:00."""
-    query = study_query(StudyDate="20261130-20261201", StudyTime="0700-0800", AccessionNumber="")
+    query = study_query(
+        StudyDate="20261130-20261201", StudyTime="0700-0800", AccessionNumber="ACCD"
+    )
     separate = pynetdicom_find(site, query)
     assert [s for s, _ in separate] == [0x0000]
     combined = pynetdicom_find(site, query, ext=[_combined_date_time()])
@@ -406,7 +419,7 @@ def test_c_get_delivers_every_stored_syntax_whatever_the_peer_proposes(
     assert set(got) == set(plain)
     for sop_uid, path in got.items():
         received = pydicom.dcmread(path)
-        assert received.file_meta.TransferSyntaxUID in (expected, uid.ExplicitVRLittleEndian)
+        assert received.file_meta.TransferSyntaxUID == expected  # the one context's syntax
         assert np.array_equal(received.pixel_array, pydicom.dcmread(plain[sop_uid]).pixel_array)
     stored_as = {pydicom.dcmread(p).SOPInstanceUID: p for p in site["mixed"]}
     for sop_uid, path in got.items():
@@ -450,6 +463,25 @@ def test_compressed_syntaxes_are_for_image_classes_only(site):
         (BasicTextSRStorage, uid.ExplicitVRLittleEndian),
         (MG, uid.JPEG2000Lossless),
     ]
+
+
+def test_a_context_with_both_roles_takes_only_what_the_appliance_can_send(site):
+    """JPEG Lossless SV1 is accepted for receiving, but the appliance cannot encode it: a
+    context in which the requestor also lets the appliance send must not take it."""
+    from pynetdicom import build_role
+
+    ae = AE("MODALITY1")
+    ae.add_requested_context(MG, [uid.JPEGLosslessSV1, uid.ExplicitVRLittleEndian])
+    role = build_role(MG, scu_role=True, scp_role=True)
+    assoc = ae.associate(
+        "127.0.0.1", site["app"].ports["storage"], ae_title="SCREENING_PACS", ext_neg=[role]
+    )
+    assert assoc.is_established
+    try:
+        [context] = assoc.accepted_contexts
+    finally:
+        assoc.release()
+    assert context.transfer_syntax[0] == uid.ExplicitVRLittleEndian
 
 
 def test_a_lossy_context_is_accepted_only_when_nothing_lossless_is(site):

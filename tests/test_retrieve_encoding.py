@@ -101,6 +101,21 @@ def test_the_stored_syntax_is_sent_as_the_file_itself(tmp_path):
     assert instance.for_association(association) == path
 
 
+def test_an_image_no_accepted_encoder_can_hold_fails_with_every_reason(tmp_path):
+    """32 bits per sample fit neither JPEG-LS nor RLE: each encoder is tried, the refusal says
+    why for both (the sub-operation fails, the others go on)."""
+    ds = synthetic.mammogram(shape=(32, 32))
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 32, 32, 31
+    ds.PixelData = (np.arange(32 * 32, dtype="<u4") * 65599).tobytes()
+    path = tmp_path / "wide.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    instance = StoredFile(path, ds.SOPClassUID, ds.SOPInstanceUID, uid.ExplicitVRLittleEndian)
+    with pytest.raises(NoSendableSyntax) as refused:
+        instance.for_association(offered(ds.SOPClassUID, uid.JPEGLSLossless, uid.RLELossless))
+    assert uid.JPEGLSLossless in str(refused.value)
+    assert uid.RLELossless in str(refused.value)
+
+
 def test_nothing_sendable_is_a_clear_refusal(tmp_path):
     path, _ = stored(tmp_path, None)
     header = pydicom.dcmread(path, stop_before_pixels=True)

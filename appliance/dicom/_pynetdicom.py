@@ -30,6 +30,7 @@ from appliance.dicom.statuses import PENDING
 from appliance.log import get_logger
 from appliance.storage.space import DiskFloor
 from appliance.storage.spool import SpoolFile
+from appliance.storage.structure import check_structure, has_odd_lengths
 
 log = get_logger("qr-scp")
 
@@ -195,13 +196,48 @@ def _release(self: Association) -> None:
 _send_c_store.sends_stored_files = True  # type: ignore[attr-defined]
 
 
-def _swap_native_pixels(dataset: Dataset) -> None:
+#: Bytes per word of the values pydicom keeps as read (PS3.5 7.3: swapped per word in Big Endian).
+WORD_BYTES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def _swap_words(dataset: Dataset) -> None:
     """Big Endian (stored before it was refused) to Little Endian: pydicom re-encodes every
-    value but keeps OW pixel bytes as they were read, which would swap each pixel's bytes."""
-    bits = int(dataset.get("BitsAllocated", 8) or 8)
-    if "PixelData" in dataset and bits > 8:
-        words = np.frombuffer(dataset.PixelData, dtype=f">u{bits // 8}")
-        dataset.PixelData = words.astype(f"<u{bits // 8}").tobytes()
+    value it decoded (US, UL, FL ...) but keeps OW/OF/OL/OD/OV bytes as they were read (Pixel
+    Data, Overlay Data, LUT Data, Float Pixel Data), which would arrive byte-swapped."""
+    for element in dataset.iterall():
+        size = WORD_BYTES.get(str(element.VR))
+        if size and isinstance(element.value, bytes) and len(element.value) % size == 0:
+            words = np.frombuffer(element.value, dtype=f">u{size}")
+            element.value = words.astype(f"<u{size}").tobytes()
+
+
+def _has_odd_lengths(path: Path) -> bool:
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        return has_odd_lengths(header) or check_structure(path, header).odd_length
+    except Exception:  # unreadable here: the send itself will say so
+        return False
+
+
+def _in_syntax(path: Path, target: str, odd_lengths: bool) -> Dataset:
+    """The stored file as a dataset in `target`: decoded, transcoded losslessly, Big Endian
+    made Little, odd lengths padded (pydicom pads every value it converted)."""
+    dataset = pydicom.dcmread(path)
+    if odd_lengths:
+        # pydicom writes a value it never converted as it read it, odd length and all.
+        for _element in dataset.iterall():
+            pass
+    current = UID(dataset.file_meta.TransferSyntaxUID)
+    if target != current:
+        if not current.is_little_endian:
+            _swap_words(dataset)
+        if current.is_encapsulated:
+            dataset.decompress(generate_instance_uid=False)
+        if UID(target).is_encapsulated:
+            dataset.compress(target, generate_instance_uid=False)
+        else:
+            dataset.file_meta.TransferSyntaxUID = UID(target)
+    return dataset
 
 
 class NoSendableSyntax(Exception):
@@ -228,7 +264,7 @@ class StoredFile(Dataset):
         sop_instance_uid: str,
         transfer_syntax_uid: str,
         *,
-        odd_lengths: bool = False,
+        odd_lengths: bool | None = False,
     ) -> None:
         super().__init__()
         self.SOPClassUID = sop_class_uid
@@ -238,8 +274,10 @@ class StoredFile(Dataset):
     def for_association(self, assoc: Association) -> Path | Dataset:
         path: Path
         stored: str
-        odd_lengths: bool
+        odd_lengths: bool | None
         path, stored, odd_lengths = object.__getattribute__(self, "_stored")
+        if odd_lengths is None:  # stored before the index recorded it: look
+            odd_lengths = _has_odd_lengths(path)
         sop_class = str(self.SOPClassUID)
         offered = [
             str(cx.transfer_syntax[0])
@@ -256,24 +294,13 @@ class StoredFile(Dataset):
                 f" accepted none of the transfer syntaxes the appliance can send for"
                 f" {sop_class} (stored as {stored}): {', '.join(offered) or 'no context'}"
             )
-        target = candidates[0]
-        dataset = pydicom.dcmread(path)
-        if odd_lengths:
-            # pydicom writes a value it never converted as it read it, odd length and all;
-            # converted values are padded to even on the way out.
-            for _element in dataset.iterall():
-                pass
-        current = UID(dataset.file_meta.TransferSyntaxUID)
-        if target != current:
-            if not current.is_little_endian:
-                _swap_native_pixels(dataset)
-            if current.is_encapsulated:
-                dataset.decompress(generate_instance_uid=False)
-            if UID(target).is_encapsulated:
-                dataset.compress(target, generate_instance_uid=False)
-            else:
-                dataset.file_meta.TransferSyntaxUID = UID(target)
-        return dataset
+        failures = []
+        for target in candidates:  # an encoder may refuse this image (1-bit, 32-bit, YBR_422)
+            try:
+                return _in_syntax(path, target, odd_lengths)
+            except Exception as exc:
+                failures.append(f"{target}: {type(exc).__name__}: {exc}"[:200])
+        raise NoSendableSyntax("; ".join(failures))
 
     @staticmethod
     def contexts_for(pairs: set[tuple[str, str]]) -> list[PresentationContext]:
@@ -297,17 +324,18 @@ def _negotiate_as_acceptor(
 ) -> tuple[list[PresentationContext], list[Any]]:
     """pynetdicom's negotiation, then the appliance's policy on what it accepted.
 
-    - A context on which the appliance is the sender only (a C-GET requestor's role-reversed
-      storage contexts) takes the requestor's first proposed syntax the appliance can always
-      produce (appliance.dicom.syntaxes.sendable), or is rejected: pynetdicom would take the
-      receive list's compressed-first order and accept what it then cannot send.
+    - A context on which the appliance may send (a C-GET requestor's role-reversed storage
+      contexts, whether or not it also keeps its own SCU role) takes the requestor's first
+      proposed syntax the appliance can always produce (appliance.dicom.syntaxes.sendable),
+      or is rejected: pynetdicom would take the receive list's compressed-first order and
+      accept what it then cannot send.
     - A lossy context is rejected when a lossless one of the same class is accepted for
       receiving: "lossy only when nothing else is proposed" holds across contexts too.
     """
     result, reply_roles = _negotiate_original(rq_contexts, ac_contexts, roles)
     proposed = {cx.context_id: cx.transfer_syntax for cx in rq_contexts}
     for context in result:
-        if context.result != 0x00 or not context.as_scu or context.as_scp:
+        if context.result != 0x00 or not context.as_scu:
             continue
         choices = syntaxes.sendable(str(context.abstract_syntax))
         choice = next((ts for ts in proposed[context.context_id] if ts in choices), None)

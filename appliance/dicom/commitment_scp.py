@@ -39,7 +39,7 @@ from appliance.dicom.statuses import (
 from appliance.log import get_logger
 from appliance.storage.files import file_sha256
 from appliance.storage.store import InstanceStore
-from appliance.storage.structure import Unsound, decode_all
+from appliance.storage.structure import CannotCheck, Unsound, decode_all
 from appliance.supervisor import Criticality
 
 log = get_logger("commitment-scp")
@@ -164,6 +164,14 @@ class StorageCommitmentSCP:
                 decode_all(path)
             except Unsound as exc:
                 error = exc.reason
+            except CannotCheck as exc:  # not proved this time; nothing recorded
+                log.error(
+                    "commitment.instance_unchecked",
+                    phase="decode",
+                    sop_instance_uid=sop_instance,
+                    error=str(exc)[:300],
+                )
+                return PROCESSING_FAILURE
             proved.append((sop_instance, error))
         if error is not None:
             log.error(

@@ -121,7 +121,10 @@ def datetime_bounds(
 
 def _record_date(text: str) -> datetime.date | None:
     """A stored value; one that does not parse matches no range (it never fails the query:
-    one object with a malformed date must not break the answers for all the others)."""
+    one object with a malformed date must not break the answers for all the others). The
+    pre-3.0 form yyyy.mm.dd is read as a date, as PS3.5 6.2 recommends."""
+    if re.fullmatch(r"\d{4}\.\d{2}\.\d{2}", text):
+        text = text.replace(".", "")
     try:
         return _parse_date(text, "record date")
     except InvalidQuery:

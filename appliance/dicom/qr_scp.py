@@ -411,7 +411,7 @@ class QueryRetrieveSCP:
                     row["sop_class_uid"],
                     row["sop_instance_uid"],
                     row["transfer_syntax_uid"],
-                    odd_lengths=bool(row["odd_lengths"]),
+                    odd_lengths=None if row["odd_lengths"] is None else bool(row["odd_lengths"]),
                 ),
             )
         log.info(

@@ -28,7 +28,7 @@ from appliance.pipeline.render import RenderError, Rendition, render
 from appliance.storage.files import write_durably
 from appliance.storage.index import WHOLE, StoredInstance
 from appliance.storage.store import InstanceStore
-from appliance.storage.structure import Unsound, decode_all
+from appliance.storage.structure import CannotCheck, Unsound, decode_all
 from appliance.supervisor import Criticality
 from appliance.worklist.store import WorklistStore
 
@@ -62,6 +62,8 @@ def _render_in_background(
             decode_all(source)
         except Unsound as exc:
             raise PixelsBroken(exc.reason) from None
+        except CannotCheck as exc:  # memory, I/O: retried, nothing recorded about the data
+            raise RenderError("decode", str(exc)) from None
     return render(source, renditions)
 
 

@@ -34,8 +34,9 @@ PIPELINE_COLUMNS = [
 #: Whether the pixel data is proved whole: WHOLE (native and complete, or every frame decoded),
 #: BROKEN (a frame does not decode; pixels_error says why), NULL (not decoded yet).
 PIXELS_COLUMNS = [("pixels_state", "TEXT"), ("pixels_error", "TEXT")]
-#: 1 when an element has an odd length: stored as received, re-encoded (padded) when sent.
-ENCODING_COLUMNS = [("odd_lengths", "INTEGER NOT NULL DEFAULT 0")]
+#: 1 when an element has an odd length: stored as received, re-encoded (padded) when sent;
+#: NULL for instances stored before this was recorded (looked up when sent).
+ENCODING_COLUMNS = [("odd_lengths", "INTEGER")]
 WHOLE, BROKEN = "WHOLE", "BROKEN"
 RELEASE_COLUMNS = [
     ("committed_at", "TEXT"),  # UTC: storage commitment confirmed it to a modality
@@ -131,7 +132,7 @@ class StoredInstance:
     fetched_at: str | None = None
     pixels_state: str | None = None
     pixels_error: str | None = None
-    odd_lengths: int = 0
+    odd_lengths: int | None = None
 
 
 _COLUMNS = [a.name for a in attrs.fields(StoredInstance)]

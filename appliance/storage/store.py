@@ -31,7 +31,12 @@ from appliance.storage.files import (
     withdraw,
 )
 from appliance.storage.index import WHOLE, Index, IndexReader, StoredInstance, open_database
-from appliance.storage.structure import Unsound, check_structure, has_odd_lengths
+from appliance.storage.structure import (
+    Unsound,
+    check_inflated_size,
+    check_structure,
+    has_odd_lengths,
+)
 
 log = get_logger("storage")
 T = TypeVar("T")
@@ -87,6 +92,7 @@ def describe(
 ) -> StoredInstance:
     """Read a stored/spooled file's header (never its pixel data) into an index row."""
     try:
+        check_inflated_size(path)  # before pydicom inflates a deflated dataset without a bound
         dataset = pydicom.dcmread(path, stop_before_pixels=True)
         odd_header = has_odd_lengths(dataset)  # first: raw elements still know their lengths
         transfer_syntax = dataset.file_meta.TransferSyntaxUID

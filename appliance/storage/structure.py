@@ -34,8 +34,14 @@ BITS_OF = {0x7FE00008: 32, 0x7FE00009: 64}
 UNDEFINED_LENGTH = 0xFFFFFFFF
 ITEM = 0xFFFEE000
 SEQUENCE_DELIMITER = 0xFFFEE0DD
-#: Inflating more than this to check a deflated dataset is refused (a deflate bomb).
-MAX_INFLATED = 4 << 30
+#: A deflated dataset that inflates past this is refused before anything holds it in memory
+#: (a deflate bomb: 600 KB can inflate to gigabytes). Deflate is for reports and small objects;
+#: images come in their pixel syntaxes.
+MAX_INFLATED = 256 << 20
+
+
+class CannotCheck(Exception):
+    """The proof could not be made (memory, an I/O error): nothing is known; try again later."""
 
 
 class Unsound(Exception):
@@ -70,21 +76,45 @@ def dataset_offset(path: Path) -> int:
     return 144 + int.from_bytes(head[140:144], "little")
 
 
-def _inflated(path: Path, offset: int) -> BinaryIO:
+def _inflate(path: Path, offset: int, out: BinaryIO | None) -> int:
+    """Inflate the dataset after `offset` (into `out`, or only counting); its inflated size."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    out = io.BytesIO()
+    size = 0
     with path.open("rb") as stream:
         stream.seek(offset)
         try:
             while chunk := stream.read(1 << 20):
-                out.write(inflater.decompress(chunk, MAX_INFLATED - out.tell()))
-                if out.tell() >= MAX_INFLATED:
-                    raise Unsound("deflated dataset inflates past 4 GiB", malformed=True)
-            out.write(inflater.flush())
+                while chunk:
+                    piece = inflater.decompress(chunk, 1 << 20)
+                    chunk = inflater.unconsumed_tail
+                    size += len(piece)
+                    if size > MAX_INFLATED:
+                        raise Unsound(
+                            f"deflated dataset inflates past {MAX_INFLATED >> 20} MiB",
+                            malformed=True,
+                        )
+                    if out is not None:
+                        out.write(piece)
+            rest = inflater.flush()
         except zlib.error as exc:
             raise Unsound(f"deflated dataset does not inflate: {exc}", malformed=True) from None
+    if out is not None:
+        out.write(rest)
     if not inflater.eof:
         raise Unsound("deflated dataset ends before its deflate stream does")
+    return size + len(rest)
+
+
+def check_inflated_size(path: Path) -> None:
+    """For a deflated file, before pydicom (which inflates without a bound) reads it."""
+    meta = pydicom.filereader.read_file_meta_info(path)
+    if UID(meta.get("TransferSyntaxUID", "")).is_deflated:
+        _inflate(path, dataset_offset(path), None)
+
+
+def _inflated(path: Path, offset: int) -> BinaryIO:
+    out = io.BytesIO()
+    _inflate(path, offset, out)
     out.seek(0)
     return out
 
@@ -190,36 +220,54 @@ JPEG_FAMILY = {
     "1.2.840.10008.1.2.4.81",
 }
 JPEG_2000_FAMILY = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
-END_OF_IMAGE = b"\xff\xd9"  # EOI in JPEG and JPEG-LS, EOC in JPEG 2000
+
+
+JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  "
+#: How far from a frame's end its end marker may sit: encoders pad with 0x00 or 0xFF.
+TAIL_WINDOW = 64
+
+
+def _tail(stream: BinaryIO, pieces: list[tuple[int, int]]) -> bytes:
+    """The last TAIL_WINDOW bytes of a frame, across its fragments (an end marker may be split
+    between two: PS3.5 A.4 lets a frame be cut at any even boundary)."""
+    tail = b""
+    for offset, length in reversed(pieces):
+        take = min(length, TAIL_WINDOW - len(tail))
+        stream.seek(offset + length - take)
+        tail = stream.read(take) + tail
+        if len(tail) >= TAIL_WINDOW:
+            break
+    return tail
 
 
 def _check_markers(
     path: Path, syntax: UID, fragments: tuple[tuple[int, int], ...], frames: int
 ) -> None:
-    """Each frame's codestream begins with its start marker and ends with its end marker.
-    With one fragment per frame each is checked; otherwise the first and the last."""
+    """Each frame's codestream begins with its start marker and ends with its end marker
+    (trailing 0x00/0xFF padding allowed). With one fragment per frame, or one frame, each frame
+    is checked; several fragments per frame of a multi-frame object without an offset table
+    cannot be told apart, so there the first start and the last end are. A JP2 file (not a
+    bare codestream) may carry boxes after its codestream: its end is left to the decoder."""
     if syntax in JPEG_FAMILY:
         starts: tuple[bytes, ...] = (b"\xff\xd8",)
     elif syntax in JPEG_2000_FAMILY:
-        starts = (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")  # a codestream, a JP2 file
+        starts = (b"\xff\x4f\xff\x51", JP2_SIGNATURE)
     else:
         return  # RLE: its segment table is checked by the decoder
     if len(fragments) == frames:
-        spans = [(offset, length, offset, length) for offset, length in fragments]
+        framed = [[fragment] for fragment in fragments]
     else:
-        (first, first_length), (last, last_length) = fragments[0], fragments[-1]
-        spans = [(first, first_length, last, last_length)]
+        framed = [list(fragments)]
     with path.open("rb") as stream:
-        for number, (first, first_length, last, last_length) in enumerate(spans, 1):
-            stream.seek(first)
-            head = stream.read(min(first_length, 12))
-            stream.seek(last + max(last_length - 4, 0))
-            tail = stream.read(min(last_length, 4)).rstrip(b"\x00")
-            if tail.endswith(b"\xff\xd9\xff"):
-                tail = tail[:-1]  # padded with 0xFF to an even length
+        for number, pieces in enumerate(framed, 1):
+            offset, length = pieces[0]
+            stream.seek(offset)
+            head = stream.read(min(length, 12))
             if not any(head.startswith(start) for start in starts):
                 raise Unsound(f"frame {number}: codestream does not begin with its start marker")
-            if not tail.endswith(END_OF_IMAGE):
+            if head.startswith(JP2_SIGNATURE):
+                continue
+            if not _tail(stream, pieces).rstrip(b"\x00\xff").endswith(b"\xff\xd9"):
                 raise Unsound(f"frame {number}: codestream cut short (no end-of-image marker)")
 
 
@@ -241,22 +289,30 @@ def has_odd_lengths(dataset: pydicom.Dataset) -> bool:
 
 def decode_all(path: Path) -> int:
     """Prove the pixel data whole: the structure checked again, then (for encapsulated data)
-    every frame decoded, one in memory at a time. The number of frames decoded; raises
-    Unsound."""
+    every frame decoded, one in memory at a time. The number of frames decoded; raises Unsound,
+    or CannotCheck when the machine (memory, I/O), not the data, failed."""
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True)
+    except OSError as exc:
+        raise CannotCheck(f"reading the file failed: {exc.strerror or exc}") from None
     except Exception as exc:
         raise Unsound(f"unreadable dataset: {exc}", malformed=True) from None
-    structure = check_structure(path, header)
-    if structure.proved:
-        return 0
-    expected = int(header.get("NumberOfFrames", 1) or 1)
-    _check_markers(path, UID(header.file_meta.TransferSyntaxUID), structure.fragments, expected)
+    try:
+        structure = check_structure(path, header)
+        if structure.proved:
+            return 0
+        expected = int(header.get("NumberOfFrames", 1) or 1)
+        syntax = UID(header.file_meta.TransferSyntaxUID)
+        _check_markers(path, syntax, structure.fragments, expected)
+    except OSError as exc:
+        raise CannotCheck(f"reading the file failed: {exc.strerror or exc}") from None
     frames = 0
     try:
         for _frame in iter_pixels(path, raw=True):
             frames += 1
-    except Exception as exc:  # codecs raise anything: ValueError, RuntimeError, OSError ...
+    except (MemoryError, OSError) as exc:  # the machine's trouble, not the data's
+        raise CannotCheck(f"{type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # codecs raise anything: ValueError, RuntimeError ...
         raise Unsound(f"pixel data does not decode: {type(exc).__name__}: {exc}") from None
     if frames != expected:
         raise Unsound(f"{frames} frames decoded, Number of Frames says {expected}")
