@@ -391,3 +391,70 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# --- storage commitment -------------------------------------------------------------------------
+
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
+WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"
+
+
+def commitment_request(references: list[tuple[str, str]]) -> Any:
+    """An N-ACTION Request Storage Commitment dataset for (SOP Class, SOP Instance) pairs."""
+    import pydicom
+    from pydicom import Dataset
+
+    request = Dataset()
+    request.TransactionUID = pydicom.uid.generate_uid()
+    request.ReferencedSOPSequence = []
+    for sop_class, sop_instance in references:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        request.ReferencedSOPSequence.append(item)
+    return request
+
+
+def request_commitment(port: int, request: Any, calling: str = "COMMITTER") -> int:
+    """N-ACTION (Request Storage Commitment); the association is released after the response."""
+    from pynetdicom import AE
+
+    ae = AE(calling)
+    ae.add_requested_context(STORAGE_COMMITMENT)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SCREENING_PACS")
+    assert assoc.is_established
+    try:
+        rsp, _ = assoc.send_n_action(request, 1, STORAGE_COMMITMENT, WELL_KNOWN_INSTANCE)
+    finally:
+        assoc.release()
+    return int(rsp.Status)
+
+
+def hear_commitment(port: int, listen_port: int, request: Any, calling: str = "COMMITTER") -> Any:
+    """Request commitment as `calling`; the N-EVENT-REPORT heard on `listen_port`, where the
+    appliance's [[dicom.destinations]] entry for `calling` points."""
+    import threading
+
+    from pynetdicom import AE, evt
+
+    reports: list[Any] = []
+    arrived = threading.Event()
+
+    def on_report(event: Any) -> tuple[int, None]:
+        reports.append(event.event_information)
+        arrived.set()
+        return 0x0000, None
+
+    listener = AE(calling)
+    listener.add_supported_context(STORAGE_COMMITMENT, scp_role=True, scu_role=False)
+    server = listener.start_server(
+        ("127.0.0.1", listen_port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)]
+    )
+    try:
+        assert request_commitment(port, request, calling) == 0x0000
+        assert arrived.wait(30), "no N-EVENT-REPORT within 30 s"
+    finally:
+        server.shutdown()
+    [report] = reports
+    assert report.TransactionUID == request.TransactionUID
+    return report

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import struct
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -19,13 +18,13 @@ import pydicom
 import pytest
 from pydicom import Dataset, uid
 from pydicom.encaps import encapsulate
-from pynetdicom import AE, evt
 
-from appliance.dicom.commitment_scp import STORAGE_COMMITMENT, WELL_KNOWN_INSTANCE
 from appliance.testing import synthetic
 from tests.support import (
     ApplianceProcess,
+    commitment_request,
     encode,
+    hear_commitment,
     index_rows,
     send_files,
     storescu,
@@ -149,44 +148,8 @@ def test_encapsulated_pixel_data_cut_short_is_refused_and_nothing_is_stored(site
 
 def commitment_report(site, references: list[tuple[str, str]]) -> Dataset:
     """Request commitment as COMMITTER; the N-EVENT-REPORT heard where COMMITTER listens."""
-    reports: list[Dataset] = []
-    arrived = threading.Event()
-
-    def on_report(event):
-        reports.append(event.event_information)
-        arrived.set()
-        return 0x0000, None
-
-    listener = AE("COMMITTER")
-    listener.add_supported_context(STORAGE_COMMITMENT, scp_role=True, scu_role=False)
-    server = listener.start_server(
-        ("127.0.0.1", site["committer"]),
-        block=False,
-        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
-    )
-    request = Dataset()
-    request.TransactionUID = pydicom.uid.generate_uid()
-    request.ReferencedSOPSequence = []
-    for sop_class, sop_instance in references:
-        item = Dataset()
-        item.ReferencedSOPClassUID = sop_class
-        item.ReferencedSOPInstanceUID = sop_instance
-        request.ReferencedSOPSequence.append(item)
-    try:
-        ae = AE("COMMITTER")
-        ae.add_requested_context(STORAGE_COMMITMENT)
-        assoc = ae.associate("127.0.0.1", site["app"].ports["storage"], ae_title="SCREENING_PACS")
-        assert assoc.is_established
-        try:
-            rsp, _ = assoc.send_n_action(request, 1, STORAGE_COMMITMENT, WELL_KNOWN_INSTANCE)
-        finally:
-            assoc.release()
-        assert rsp.Status == 0
-        assert arrived.wait(30), site["app"].log()[-2000:]
-    finally:
-        server.shutdown()
-    [report] = reports
-    return report
+    request = commitment_request(references)
+    return hear_commitment(site["app"].ports["storage"], site["committer"], request)
 
 
 DAMAGE = {

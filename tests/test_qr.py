@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -22,10 +21,18 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from appliance.dicom.commitment_scp import STORAGE_COMMITMENT, WELL_KNOWN_INSTANCE
 from appliance.state import StatePaths
 from appliance.testing import synthetic
-from tests.support import ApplianceProcess, dataset_bytes, encode, send_files, write_config
+from tests.support import (
+    ApplianceProcess,
+    commitment_request,
+    dataset_bytes,
+    encode,
+    hear_commitment,
+    request_commitment,
+    send_files,
+    write_config,
+)
 
 pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.system]
 
@@ -413,61 +420,14 @@ def test_queries_and_retrieves_leave_no_patient_identifiers_in_the_log(site):
 # --- Storage Commitment ----------------------------------------------------------------------
 
 
-def commitment_request(references: list[tuple[str, str]]) -> Dataset:
-    request = Dataset()
-    request.TransactionUID = pydicom.uid.generate_uid()
-    request.ReferencedSOPSequence = []
-    for sop_class, sop_instance in references:
-        item = Dataset()
-        item.ReferencedSOPClassUID = sop_class
-        item.ReferencedSOPInstanceUID = sop_instance
-        request.ReferencedSOPSequence.append(item)
-    return request
-
-
 def references(paths: list[Path]) -> list[tuple[str, str]]:
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     return [(h.SOPClassUID, h.SOPInstanceUID) for h in headers]
 
 
-def request_commitment(port: int, request: Dataset, calling: str = "COMMITTER") -> int:
-    """N-ACTION (Request Storage Commitment); the association is released after the response."""
-    ae = AE(calling)
-    ae.add_requested_context(STORAGE_COMMITMENT)
-    assoc = ae.associate("127.0.0.1", port, ae_title="SCREENING_PACS")
-    assert assoc.is_established
-    try:
-        rsp, _ = assoc.send_n_action(request, 1, STORAGE_COMMITMENT, WELL_KNOWN_INSTANCE)
-    finally:
-        assoc.release()
-    return rsp.Status
-
-
 def commit_and_hear(site, request: Dataset) -> Dataset:
     """Request commitment as COMMITTER and receive the report where COMMITTER listens."""
-    reports: list[Dataset] = []
-    arrived = threading.Event()
-
-    def on_report(event):
-        reports.append(event.event_information)
-        arrived.set()
-        return 0x0000
-
-    listener = AE("COMMITTER")
-    listener.add_supported_context(STORAGE_COMMITMENT, scp_role=True, scu_role=False)
-    server = listener.start_server(
-        ("127.0.0.1", site["ports"]["COMMITTER"]),
-        block=False,
-        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
-    )
-    try:
-        assert request_commitment(site["app"].ports["storage"], request) == 0x0000
-        assert arrived.wait(20), site["app"].log()[-2000:]
-    finally:
-        server.shutdown()
-    [report] = reports
-    assert report.TransactionUID == request.TransactionUID
-    return report
+    return hear_commitment(site["app"].ports["storage"], site["ports"]["COMMITTER"], request)
 
 
 def test_commitment_lists_committed_instances_and_unknown_ones_as_failed(site):
