@@ -90,7 +90,9 @@ class Appliance:
         self.worklist = WorklistStore(self.paths)
         self.store = InstanceStore(self.paths, stored=send)
         self.outbox = Outbox({"worklist": self.worklist.database, "images": self.store.database})
-        self.studies = StudyTracker(self.store, self.worklist, config.studies)
+        self.studies = StudyTracker(
+            self.store, self.worklist, config.studies, ae_title=config.dicom.storage.ae_title
+        )
         self.pipeline = ImagePipeline(
             self.store,
             self.worklist,
@@ -233,7 +235,11 @@ class Appliance:
             [*storage_scp.handlers(), *qr_scp.handlers(), *commitment.handlers()],
         )
         worklist_scp = WorklistSCP(
-            self.worklist, door, dicom.worklist, self.config.worklist.timezone
+            self.worklist,
+            door,
+            dicom.worklist,
+            self.config.worklist.timezone,
+            self.config.worklist.defaults,
         )
         self.worklist_server = self._server(
             "worklist-scp",

@@ -124,8 +124,10 @@ def _character_sets(_inst: object, attribute: attrs.Attribute[Any], value: dict[
 class WorklistScpConfig:
     ae_title: str = field(default="SCREENING_MWL", validator=_ae_title)
     port: int = field(default=4243, validator=_port)
-    #: Answers are in this character set unless the query or the calling AE says otherwise.
-    character_set: str = field(default="ISO_IR 192", validator=_character_set)
+    #: Answers to a query that names no Specific Character Set (and whose calling AE has no
+    #: entry below) are in this one. ISO_IR 6, the default repertoire, is what such a query
+    #: declares it understands (PS3.4 K.4.1.1.3.1): other letters are transliterated.
+    character_set: str = field(default="ISO_IR 6", validator=_character_set)
     #: Per calling AE title, for units that understand only one (e.g. "ISO_IR 100").
     character_sets: dict[str, str] = field(factory=dict, validator=_character_sets)
 
@@ -142,8 +144,31 @@ def _local_time(_inst: object, attribute: attrs.Attribute[Any], value: str) -> N
         raise FieldError(attribute, f"{value!r} is not a time of day (HH:MM)")
 
 
+def _code(_inst: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    if value and (len(value) != 3 or not all(value)):
+        raise FieldError(attribute, "a code is [value, coding scheme, meaning], all three given")
+
+
+@frozen
+class StepDefaults:
+    """What a worklist item of one modality says when the cloud or the CLI did not say it:
+    strict units drop items whose Type 1 keys are empty (PS3.4 K.6)."""
+
+    #: Scheduled Station AE Title; empty: the querying unit's own AE title.
+    station_ae_title: str = ""
+    station_name: str = ""
+    #: Scheduled Procedure Step Description and Requested Procedure Description.
+    description: str = "Screening mammography"
+    #: Scheduled Protocol Code and Requested Procedure Code: [value, scheme, meaning].
+    procedure_code: tuple[str, ...] = field(
+        default=("24623002", "SCT", "Screening mammography"), validator=_code
+    )
+
+
 @frozen
 class WorklistConfig:
+    #: Per modality (e.g. "MG"): defaults for what an item did not say.
+    defaults: dict[str, StepDefaults] = field(factory=lambda: {"MG": StepDefaults()})
     #: The site's time zone: the cloud schedules in UTC, modalities show and query local time.
     timezone: str = field(default="Europe/London", validator=_time_zone)
     #: Daily housekeeping, local time: finished items of past days are archived.

@@ -43,7 +43,7 @@ def in_progress(accession: str = "ACC-M1") -> Dataset:
     step = Dataset()
     step.AccessionNumber = accession
     step.ScheduledProcedureStepID = accession
-    step.StudyInstanceUID = ""
+    step.StudyInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[accession])  # Type 1
     ds = Dataset()
     ds.ScheduledStepAttributesSequence = [step]
     ds.PerformedProcedureStepStatus = "IN PROGRESS"
@@ -180,8 +180,29 @@ def test_refusals_carry_the_ps34_statuses(appliance, modality):
     del no_steps.ScheduledStepAttributesSequence
     assert modality.create(no_steps, generate_uid()).Status == 0x0120
 
+    # Type 1 attributes of the N-CREATE: absent is 0x0120 (Missing Attribute), present but
+    # empty is 0x0121 (Missing Attribute Value); the status was answered 0x0106 before.
+    no_status = in_progress()
+    del no_status.PerformedProcedureStepStatus
+    refused = modality.create(no_status, generate_uid())
+    assert refused.Status == 0x0120
+    assert "Performed Procedure Step Status" in refused.ErrorComment
+    no_station = in_progress()
+    no_station.PerformedStationAETitle = ""
+    assert modality.create(no_station, generate_uid()).Status == 0x0121
+    no_study = in_progress()
+    no_study.ScheduledStepAttributesSequence[0].StudyInstanceUID = ""
+    assert modality.create(no_study, generate_uid()).Status == 0x0121
+
+    # COMPLETED says what was performed: at least one series (PS3.4 F.7.2.2.2).
+    empty = generate_uid()
+    modality.create(in_progress(), empty)
+    nothing = finished()
+    nothing.PerformedSeriesSequence = []
+    assert modality.set(nothing, empty).Status == 0x0121
+
     assert appliance.worklist.get("ACC-M1").status == "COMPLETED"
-    assert appliance.log().count("event=mpps.refused") == 5
+    assert appliance.log().count("event=mpps.refused") == 10
 
 
 def test_first_image_moves_the_item_in_progress_and_mpps_is_still_recorded(

@@ -201,8 +201,7 @@ def test_answers_carry_exactly_the_requested_keys(worklist):
     step.Modality = "CT"
     identifier.ScheduledProcedureStepSequence = [step]
     [answer] = find(worklist.ports["worklist"], identifier)[1]
-    assert [e.keyword for e in answer] == [
-        "SpecificCharacterSet",
+    assert [e.keyword for e in answer] == [  # no Specific Character Set: none was asked for
         "PatientName",
         "PatientWeight",
         "ScheduledProcedureStepSequence",
@@ -247,7 +246,14 @@ def test_full_record_for_a_cloud_created_item_is_complete_and_stable(worklist):
 
 @pytest.mark.system
 def test_names_round_trip_in_utf8_and_latin1(worklist):
-    [utf8] = find(worklist.ports["worklist"], query(PatientName="", PatientID="9990000002"))[1]
+    """A query naming no Specific Character Set declares the default repertoire (PS3.4
+    K.4.1.1.3.1): the answer is ASCII, transliterated, and declares nothing."""
+    [plain] = find(worklist.ports["worklist"], query(PatientName="", PatientID="9990000002"))[1]
+    assert "SpecificCharacterSet" not in plain
+    assert str(plain.PatientName) == "MULLER^ZOE"
+    utf8 = query(PatientName="", PatientID="9990000002")
+    utf8.SpecificCharacterSet = "ISO_IR 192"
+    [utf8] = find(worklist.ports["worklist"], utf8)[1]
     assert utf8.SpecificCharacterSet == "ISO_IR 192"
     assert str(utf8.PatientName) == "MÜLLER^ZOË"
     latin = query(PatientName="", PatientID="9990000002")
@@ -255,7 +261,9 @@ def test_names_round_trip_in_utf8_and_latin1(worklist):
     [answer] = find(worklist.ports["worklist"], latin)[1]
     assert answer.SpecificCharacterSet == "ISO_IR 100"
     assert str(answer.PatientName) == "MÜLLER^ZOË"
-    [obrien] = find(worklist.ports["worklist"], query(PatientName="", PatientID="9990000001"))[1]
+    obrien = query(PatientName="", PatientID="9990000001")
+    obrien.SpecificCharacterSet = "ISO_IR 192"
+    [obrien] = find(worklist.ports["worklist"], obrien)[1]
     assert str(obrien.PatientName) == "O'BRIEN^SIÂN"
 
 
@@ -353,10 +361,15 @@ def test_character_set_per_calling_ae_replaces_what_it_cannot_carry(tmp_path):
         port = app.ports["worklist"]
         _, [answer] = find(port, query(PatientName="", PatientID="9990000010"), calling="OLDUNIT")
         assert answer.SpecificCharacterSet == "ISO_IR 100"
-        # Ë folds to E; Ł has no Latin-1 form and is replaced visibly, not mis-encoded.
-        assert str(answer.PatientName) == "?UKASZ^ZOE"
-        _, [modern] = find(port, query(PatientName="", PatientID="9990000010"), calling="NEWUNIT")
+        # Ë is Latin-1 and stays; Ł has no Latin-1 form and is transliterated, not mis-encoded.
+        assert str(answer.PatientName) == "LUKASZ^ZOË"
+        modern_query = query(PatientName="", PatientID="9990000010")
+        modern_query.SpecificCharacterSet = "ISO_IR 192"
+        _, [modern] = find(port, modern_query, calling="NEWUNIT")
         assert str(modern.PatientName) == "ŁUKASZ^ZOË"
+        _, [plain] = find(port, query(PatientName="", PatientID="9990000010"), calling="NEWUNIT")
+        assert "SpecificCharacterSet" not in plain  # no set named: the default repertoire
+        assert str(plain.PatientName) == "LUKASZ^ZOE"
         _, [japanese] = find(port, query(PatientName="", PatientID="9990000011"), calling="JPUNIT")
         assert list(japanese.SpecificCharacterSet) == ["", "ISO 2022 IR 87"]
         assert str(japanese.PatientName) == "山田^太郎"

@@ -15,6 +15,13 @@ from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 
 TEXT_VRS = {"PN", "LO", "SH", "ST", "LT", "UC", "UT"}
+#: Terms for the default repertoire (ASCII): pydicom maps "ISO_IR 6" to Latin-1, which would
+#: let accented letters through as Latin-1 bytes under a label that promises none.
+DEFAULT_REPERTOIRE = {"", "ISO_IR 6", "ISO 2022 IR 6"}
+
+
+def is_default_repertoire(term: str) -> bool:
+    return all(part.strip() in DEFAULT_REPERTOIRE for part in term.split("\\"))
 
 
 def codecs_for(term: str) -> list[str]:
@@ -23,7 +30,7 @@ def codecs_for(term: str) -> list[str]:
     codecs = []
     for part in term.split("\\"):
         part = part.strip()
-        if not part:
+        if part in DEFAULT_REPERTOIRE:
             codecs.append("ascii")  # the default repertoire, ISO-IR 6
         elif part in python_encoding:
             codecs.append(python_encoding[part])
@@ -40,11 +47,32 @@ def _encodes(text: str, codec: str) -> bool:
     return True
 
 
+#: Letters with no decomposition to fold by (Ł is not L plus a mark).
+_FOLD = str.maketrans(
+    {"Ł": "L", "ł": "l", "Ø": "O", "ø": "o", "Đ": "D", "đ": "d", "ß": "ss", "Æ": "AE",
+     "æ": "ae", "Œ": "OE", "œ": "oe", "Þ": "TH", "þ": "th", "Ħ": "H", "ħ": "h", "\u0131": "i"}
+)  # fmt: skip
+
+
+def _fold(char: str) -> str:
+    """A letter without its accents (Ë -> E, Ł -> L)."""
+    folded = "".join(c for c in unicodedata.normalize("NFKD", char) if not unicodedata.combining(c))
+    return folded.translate(_FOLD)
+
+
 def fit(text: str, codecs: list[str]) -> str:
+    """`text` as the character set can carry it: each letter it cannot is transliterated
+    (its accents dropped), and what is still unrepresentable becomes a visible '?'."""
     if any(_encodes(text, codec) for codec in codecs):
         return text
-    folded = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
-    return "".join(c if any(_encodes(c, codec) for codec in codecs) else "?" for c in folded)
+    out = []
+    for char in text:
+        if any(_encodes(char, codec) for codec in codecs):
+            out.append(char)
+            continue
+        folded = _fold(char)
+        out.append(folded if any(_encodes(folded, codec) for codec in codecs) else "?")
+    return "".join(out)
 
 
 def encode_for(answer: Dataset, term: str) -> Dataset:
@@ -52,7 +80,8 @@ def encode_for(answer: Dataset, term: str) -> Dataset:
     are replaced, not changed in place: the answer shares them with cached records."""
     codecs = codecs_for(term)
     fitted = Dataset()
-    fitted.SpecificCharacterSet = term.split("\\") if "\\" in term else term
+    if not is_default_repertoire(term):  # absent: the default repertoire
+        fitted.SpecificCharacterSet = term.split("\\") if "\\" in term else term
     _fit_into(answer, fitted, codecs)
     return fitted
 

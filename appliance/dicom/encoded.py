@@ -19,6 +19,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 
 from appliance.dicom import matching
+from appliance.dicom.charsets import is_default_repertoire
 
 _ITEM = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
 _ITEM_END = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
@@ -50,10 +51,15 @@ class EncodedRecord:
     def __init__(self, record: Dataset, term: str, implicit: bool) -> None:
         encodings = convert_encodings(term.split("\\"))
         self.implicit = implicit
-        self.charset = _write(
-            DataElement(0x00080005, "CS", term.split("\\") if "\\" in term else term),
-            implicit,
-            encodings,
+        # The default repertoire is said by leaving Specific Character Set out.
+        self.charset = (
+            b""
+            if is_default_repertoire(term)
+            else _write(
+                DataElement(0x00080005, "CS", term.split("\\") if "\\" in term else term),
+                implicit,
+                encodings,
+            )
         )
         self.elements = {e.tag: _write(e, implicit, encodings) for e in record}
         self.items = {

@@ -180,10 +180,20 @@ def _values(value: object) -> list[str]:
     return [_text(value)]
 
 
+def _person_name(text: str) -> str:
+    """A PN value without its insignificant trailing empty components and groups
+    (PS3.5 6.2.1: 'BROWN^ALICE^^^' is 'BROWN^ALICE')."""
+    groups = [group.rstrip("^ ") for group in text.rstrip().split("=")]
+    return "=".join(groups).rstrip("=")
+
+
 def _match_value(element: DataElement, record_value: object) -> bool:
     vr = element.VR
     values = _values(element.value)
     have_values = _values(record_value)
+    if vr == "PN":
+        values = [_person_name(v) for v in values]
+        have_values = [_person_name(h) for h in have_values]
     if vr == "UI":  # list of UID matching
         return any(_text(v) in have_values for v in values)
     case_insensitive = vr == "PN"

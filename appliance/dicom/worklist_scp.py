@@ -24,7 +24,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made a
     ModalityWorklistInformationFind,
 )
 
-from appliance.config import WorklistScpConfig
+from appliance.config import StepDefaults, WorklistScpConfig
 from appliance.db import is_full
 from appliance.dicom import encoded, matching, statuses
 from appliance.dicom._pynetdicom import PendingFindWriter
@@ -57,6 +57,7 @@ REFUSAL_STATUS = {
     Refusal.DUPLICATE_INSTANCE: (statuses.DUPLICATE_SOP_INSTANCE, None),
     Refusal.INVALID_VALUE: (statuses.INVALID_ATTRIBUTE_VALUE, None),
     Refusal.MISSING_ATTRIBUTE: (statuses.MISSING_ATTRIBUTE, None),
+    Refusal.MISSING_VALUE: (statuses.MISSING_ATTRIBUTE_VALUE, None),
     Refusal.NO_LONGER_UPDATABLE: (
         statuses.PROCESSING_FAILURE,
         statuses.ERROR_ID_NO_LONGER_UPDATABLE,
@@ -65,29 +66,57 @@ REFUSAL_STATUS = {
 _SPS = 0x00400100  # Scheduled Procedure Step Sequence
 #: Type 1 return keys of the worklist (PS3.4 K.6): an item lacking one is not offered.
 _REQUIRED = ("PatientName", "PatientID", "StudyInstanceUID", "RequestedProcedureID")
-_REQUIRED_STEP = ("Modality", "ScheduledProcedureStepID", "ScheduledProcedureStepStartDate")
+_REQUIRED_STEP = (
+    "Modality",
+    "ScheduledProcedureStepID",
+    "ScheduledProcedureStepStartDate",
+    "ScheduledStationAETitle",
+)
 
 
-def record(item: WorklistItem, zone: zoneinfo.ZoneInfo) -> Dataset:
-    """The item as a full worklist record, scheduled time in the site's time zone."""
+def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = value, scheme, meaning
+    return code
+
+
+def record(
+    item: WorklistItem,
+    zone: zoneinfo.ZoneInfo,
+    defaults: StepDefaults | None = None,
+    calling_ae: str = "",
+) -> Dataset:
+    """The item as a full worklist record, scheduled time in the site's time zone. What the
+    item does not say comes from the site's defaults for its modality, so that no Type 1 key
+    (K.6) is empty: Scheduled Station AE Title (else the querying unit's own), Scheduled
+    Procedure Step Description or Scheduled Protocol Code Sequence (both given), Requested
+    Procedure Description or Code Sequence (both given)."""
+    defaults = defaults or StepDefaults(description="", procedure_code=())
     local = item.scheduled_at.astimezone(zone)
+    description = item.study_description or defaults.description
+    code_parts: tuple[str, ...]
+    if item.procedure_code_value:
+        code_parts = (
+            item.procedure_code_value,
+            item.procedure_code_scheme,
+            item.procedure_code_meaning,
+        )
+    else:
+        code_parts = tuple(defaults.procedure_code)
     step = Dataset()
     step.Modality = item.modality
-    step.ScheduledStationAETitle = item.scheduled_station_ae
-    step.ScheduledStationName = item.scheduled_station_name
+    step.ScheduledStationAETitle = (
+        item.scheduled_station_ae or defaults.station_ae_title or calling_ae.strip()
+    )
+    step.ScheduledStationName = item.scheduled_station_name or defaults.station_name
     step.ScheduledProcedureStepStartDate = local.strftime("%Y%m%d")
     step.ScheduledProcedureStepStartTime = local.strftime("%H%M%S")
-    step.ScheduledProcedureStepDescription = item.study_description
+    step.ScheduledProcedureStepDescription = description
     step.ScheduledProcedureStepID = item.accession_number
     step.ScheduledPerformingPhysicianName = ""
     step.ScheduledProcedureStepStatus = "STARTED" if item.status == IN_PROGRESS else "SCHEDULED"
-    code = None
-    if item.procedure_code_value:  # 1C: present only with a complete code
-        code = Dataset()
-        code.CodeValue = item.procedure_code_value
-        code.CodingSchemeDesignator = item.procedure_code_scheme
-        code.CodeMeaning = item.procedure_code_meaning
-        step.ScheduledProtocolCodeSequence = [code]
+    if len(code_parts) == 3 and all(code_parts):  # 1C: present only with a complete code
+        step.ScheduledProtocolCodeSequence = [_code_item(*code_parts)]
 
     ds = Dataset()
     ds.AccessionNumber = item.accession_number
@@ -99,9 +128,9 @@ def record(item: WorklistItem, zone: zoneinfo.ZoneInfo) -> Dataset:
     ds.PatientSex = item.patient_sex
     ds.StudyInstanceUID = item.study_instance_uid
     ds.RequestedProcedureID = item.accession_number
-    ds.RequestedProcedureDescription = item.study_description
-    if code is not None:
-        ds.RequestedProcedureCodeSequence = [Dataset(code)]
+    ds.RequestedProcedureDescription = description
+    if len(code_parts) == 3 and all(code_parts):
+        ds.RequestedProcedureCodeSequence = [_code_item(*code_parts)]
     ds.ScheduledProcedureStepSequence = [step]
     # Type 2 return keys (PS3.4 K.6): present, empty; strict SCUs reject records without them.
     ds.ReferencedStudySequence = []
@@ -122,16 +151,37 @@ def _single(query: Dataset, keyword: str) -> str | None:
     return None if any(c in value for c in "*?\\") else value
 
 
+def _decoded_in(modifications: Dataset, term: str) -> Dataset:
+    """The N-SET's elements read again in `term`: pydicom decodes text lazily with the
+    dataset's own Specific Character Set, which the N-SET left out. The set is kept out of
+    the modifications (the stored attributes already carry it)."""
+    decoded = Dataset()
+    decoded.SpecificCharacterSet = term.split("\\") if "\\" in term else term
+    for tag in modifications.keys():  # noqa: SIM118  (the raw elements, not yet decoded)
+        decoded[tag] = modifications.get_item(tag)
+    result = Dataset()
+    for element in decoded:
+        if element.tag != 0x00080005:
+            result.add(element)
+    return result
+
+
 class WorklistSCP:
     def __init__(
-        self, store: WorklistStore, door: TrioDoor, config: WorklistScpConfig, zone: str
+        self,
+        store: WorklistStore,
+        door: TrioDoor,
+        config: WorklistScpConfig,
+        zone: str,
+        defaults: dict[str, StepDefaults] | None = None,
     ) -> None:
+        self._defaults = defaults or {}
         self._store = store
         self._door = door
         self._config = config
         self._zone = zoneinfo.ZoneInfo(zone)
-        self._records: dict[tuple[str, str], Dataset | None] = {}
-        self._encoded: dict[tuple[str, str, str, bool], encoded.EncodedRecord] = {}
+        self._records: dict[tuple[str, str, str], Dataset | None] = {}
+        self._encoded: dict[tuple[str, str, str, str, bool], encoded.EncodedRecord] = {}
 
     def handlers(self) -> list[Handler]:
         return [
@@ -142,10 +192,21 @@ class WorklistSCP:
 
     # --- C-FIND -----------------------------------------------------------------------------------
 
-    def _record(self, item: WorklistItem) -> Dataset | None:
-        key = (item.accession_number, item.updated_at)
+    def _station_for(self, item: WorklistItem, calling_ae: str) -> str:
+        """Who the record's Scheduled Station AE Title depends on: nobody when the item or the
+        site says it, else the querying unit (and the cached record is that unit's)."""
+        defaults = self._defaults.get(item.modality)
+        if item.scheduled_station_ae or (defaults and defaults.station_ae_title):
+            return ""
+        return calling_ae.strip()
+
+    def _record(self, item: WorklistItem, calling_ae: str) -> Dataset | None:
+        station = self._station_for(item, calling_ae)
+        key = (item.accession_number, item.updated_at, station)
         if key not in self._records:
-            ds: Dataset | None = record(item, self._zone)
+            ds: Dataset | None = record(
+                item, self._zone, self._defaults.get(item.modality), station
+            )
             if ds is not None and not _is_valid(ds):
                 log.warning("worklist.item_invalid", accession_number=item.accession_number)
                 ds = None
@@ -155,9 +216,10 @@ class WorklistSCP:
         return self._records[key]
 
     def _encoded_record(
-        self, item: WorklistItem, full: Dataset, term: str, implicit: bool
+        self, item: WorklistItem, full: Dataset, term: str, implicit: bool, calling_ae: str
     ) -> encoded.EncodedRecord:
-        key = (item.accession_number, item.updated_at, term, implicit)
+        station = self._station_for(item, calling_ae)
+        key = (item.accession_number, item.updated_at, station, term, implicit)
         found = self._encoded.get(key)
         if found is None:
             if len(self._encoded) > 50_000:
@@ -238,13 +300,15 @@ class WorklistSCP:
                     log.info("worklist.query_cancelled", calling_ae=calling_ae, answered=answered)
                     yield CANCELLED, None
                     return
-                full = self._record(item)
+                full = self._record(item, calling_ae)
                 if full is None or not matching.matches(query, full):
                     continue
                 answered += 1
                 if writer is not None:
                     writer.send(
-                        encoded.project(query, self._encoded_record(item, full, term, implicit))
+                        encoded.project(
+                            query, self._encoded_record(item, full, term, implicit, calling_ae)
+                        )
                     )
                 else:
                     yield PENDING, encode_for(matching.project(query, full), term)
@@ -293,21 +357,21 @@ class WorklistSCP:
 
     def handle_n_create(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
         attributes = event.attribute_list
-        steps = attributes.get("ScheduledStepAttributesSequence")
-        if not steps:
-            return status(
-                statuses.MISSING_ATTRIBUTE, "Scheduled Step Attributes Sequence missing"
-            ), None
+        steps = attributes.get("ScheduledStepAttributesSequence") or []
         request = cast(N_CREATE, event.request)
         uid = request.AffectedSOPInstanceUID or generate_uid(UID_ROOT)
-        step = steps[0]
         outcome, result = self._counted(
             "n-create",
             self._store.mpps.create,
             str(uid),
             attributes.to_json_dict(),
-            str(step.get("AccessionNumber") or "") or None,
-            str(step.get("ScheduledProcedureStepID") or "") or None,
+            [
+                (
+                    str(step.get("AccessionNumber") or "") or None,
+                    str(step.get("ScheduledProcedureStepID") or "") or None,
+                )
+                for step in steps
+            ],
         )
         if outcome is None:
             return result, None
@@ -324,6 +388,11 @@ class WorklistSCP:
     def handle_n_set(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
         uid = str(cast(N_SET, event.request).RequestedSOPInstanceUID)
         modifications = event.modification_list
+        if "SpecificCharacterSet" not in modifications:
+            # F.7.2.2.1: an N-SET's text is in the N-CREATE's character set unless it says.
+            created_in = self._store.mpps.character_set(uid)  # a reader: any thread
+            if created_in:
+                modifications = _decoded_in(modifications, created_in)
         outcome, result = self._counted(
             "n-set", self._store.mpps.update, uid, modifications.to_json_dict()
         )

@@ -1,10 +1,16 @@
 """Study completeness, from what the modality tells us rather than from a timer.
 
-A study (keyed by accession number, else Study Instance UID) is complete when, in order:
-1. its MPPS is COMPLETED and every instance the MPPS lists is stored and processed (rule "mpps");
-2. without a completed MPPS, the expected views are in (screening: RCC, LCC, RMLO, LMLO, or per
-   procedure code) and nothing new has arrived for the quiet period (rule "views");
-3. as a last resort, nothing new has arrived for the timeout (rule "timeout").
+A study is its Study Instance UID (an accession number, from any of its objects, links it to
+the worklist item and the MPPS; objects without one are still the same study). It is complete
+when, in order:
+1. its MPPS is COMPLETED and every instance the MPPS lists for this gateway is stored and
+   processed (rule "mpps"); instances whose series names another Retrieve AE Title were sent
+   elsewhere and are never waited for;
+2. the expected views are in (screening: RCC, LCC, RMLO, LMLO, or per procedure code) and
+   nothing new has arrived for the quiet period (rule "views"), whether or not an MPPS listed
+   instances that never came (named in the event);
+3. as a last resort, nothing new has arrived for the timeout (rule "timeout"), naming what is
+   missing: no study stays open past it, not even one whose thumbnails are still pending.
 A DISCONTINUED MPPS ends it as `study.discontinued`. An image arriving after the end re-opens it
 (`study.amended`) and it completes again. State lives in pacs.db next to the instances, and each
 transition commits with its event, so a restart neither loses nor repeats a completion.
@@ -24,6 +30,7 @@ from appliance.log import get_logger
 from appliance.storage.index import StoredInstance, StudyState
 from appliance.storage.store import InstanceStore
 from appliance.supervisor import Criticality
+from appliance.worklist.mpps import performed_instances
 from appliance.worklist.store import WorklistStore
 
 log = get_logger("studies")
@@ -47,7 +54,10 @@ class StudyTracker:
         worklist: WorklistStore,
         config: StudiesConfig,
         now: Callable[[], datetime.datetime] = _now,
+        ae_title: str | None = None,
     ) -> None:
+        #: This gateway's storage AE title: MPPS series with another Retrieve AE went there.
+        self._ae_title = ae_title
         self._store = store
         self._worklist = worklist
         self._config = config
@@ -79,29 +89,36 @@ class StudyTracker:
         since = (now - datetime.timedelta(seconds=lookback)).isoformat(timespec="milliseconds")
         studies: dict[str, list[StoredInstance]] = {}
         for instance in index.stored_since(since):
-            key = instance.accession_number or f"uid:{instance.study_instance_uid}"
-            studies.setdefault(key, []).append(instance)
+            studies.setdefault(instance.study_instance_uid, []).append(instance)
+        for study in index.open_studies():  # older than the window (the appliance was off)
+            uid = study.study_instance_uid
+            if uid and uid not in studies:
+                studies[uid] = index.study_instances(uid)
         open_count = 0
-        for key, instances in studies.items():
-            if self._track(key, instances, now) == "OPEN":
+        for uid, instances in studies.items():
+            if instances and self._track(uid, instances, now) == "OPEN":
                 open_count += 1
         self.open_studies = open_count
 
-    def _track(self, key: str, instances: list[StoredInstance], now: datetime.datetime) -> str:
+    def _track(self, uid: str, instances: list[StoredInstance], now: datetime.datetime) -> str:
         index = self._store.index
         first, last = instances[0].created_at, instances[-1].created_at
-        study = index.study(key)
+        accession = next((i.accession_number for i in instances if i.accession_number), None)
+        study = index.study_of(uid)
         if study is None:
             study = StudyState(
-                study_key=key,
-                accession_number=instances[0].accession_number,
-                study_instance_uid=instances[0].study_instance_uid,
+                study_key=f"uid:{uid}",
+                accession_number=accession,
+                study_instance_uid=uid,
                 state="OPEN",
                 first_instance_at=first,
                 last_instance_at=last,
             )
             index.open_study(study)
-        elif study.state != "OPEN" and study.completed_at and last > study.completed_at:
+        elif study.accession_number is None and accession:
+            index.study_linked(study.study_key, accession)
+            study = attrs.evolve(study, accession_number=accession)
+        if study.state != "OPEN" and study.completed_at and last > study.completed_at:
             completed_at = study.completed_at
             late = [i.sop_instance_uid for i in instances if i.created_at > completed_at]
             reopened = attrs.evolve(study, state="OPEN", last_instance_at=last)
@@ -113,7 +130,7 @@ class StudyTracker:
             )
             study = reopened
         elif study.state == "OPEN" and last != study.last_instance_at:
-            index.study_grew(key, last)
+            index.study_grew(study.study_key, last)
             study = attrs.evolve(study, last_instance_at=last)
         if study.state != "OPEN":
             return study.state
@@ -127,7 +144,10 @@ class StudyTracker:
         now: datetime.datetime,
     ) -> str:
         processed = {i.sop_instance_uid: i for i in instances if i.pipeline_state != "PENDING"}
-        if len(processed) < len(instances):
+        unprocessed = sorted(i.sop_instance_uid for i in instances if i.pipeline_state == "PENDING")
+        quiet = _age(last, now)
+        timed_out = quiet >= self._config.timeout_s
+        if unprocessed and not timed_out:
             return "OPEN"  # thumbnails still being made: the study is not safe and shown yet
         accession = study.accession_number
         item = self._worklist.get(accession) if accession else None
@@ -138,17 +158,22 @@ class StudyTracker:
         )
         found = {f"{i.image_laterality or ''}{i.view_position or ''}" for i in instances}
         mpps = self._worklist.mpps.latest(accession) if accession else None
-        quiet = _age(last, now)
+        performed = performed_instances(mpps.attributes, self._ae_title) if mpps else None
+        listed_missing = sorted(set(performed.here) - processed.keys()) if performed else []
         rule, state, event_type = None, "COMPLETE", "study.complete"
-        if mpps and mpps[0] == "DISCONTINUED":
+        if mpps and mpps.status == "DISCONTINUED":
             rule, state, event_type = "mpps-discontinued", "DISCONTINUED", "study.discontinued"
-        elif mpps and mpps[0] == "COMPLETED" and mpps[2]:
-            if not set(mpps[2]) <= processed.keys():
-                return "OPEN"  # the modality says more is coming
+        elif (
+            mpps
+            and mpps.status == "COMPLETED"
+            and performed
+            and performed.here
+            and not (listed_missing or unprocessed)
+        ):
             rule = "mpps"
-        elif expected <= found and quiet >= self._config.quiet_period_s:
+        elif expected <= found and quiet >= self._config.quiet_period_s and not unprocessed:
             rule = "views"
-        elif quiet >= self._config.timeout_s:
+        elif timed_out:
             rule = "timeout"
         if rule is None:
             return "OPEN"
@@ -159,7 +184,11 @@ class StudyTracker:
             "instances": sorted(processed),
             "views_found": sorted(found & expected) + sorted(found - expected),
             "views_missing": sorted(expected - found),
-            "mpps_instance_uid": mpps[1] if mpps else None,
+            "mpps_instance_uid": mpps.sop_instance_uid if mpps else None,
+            # Listed by the MPPS for this gateway but never received / sent to other AEs.
+            "instances_missing": listed_missing,
+            "instances_elsewhere": sorted(performed.elsewhere) if performed else [],
+            "instances_unprocessed": unprocessed,
             "first_instance_at": study.first_instance_at,
             "last_instance_at": last,
             "seconds_first_to_complete": round(_age(study.first_instance_at, now), 1),
@@ -175,5 +204,11 @@ class StudyTracker:
         self._store.index.study_transition(
             finished, event_type, payload, item.source_message_id if item else None
         )
-        log.info(event_type, accession_number=accession, rule=rule, instances=len(processed))
+        log.info(
+            event_type,
+            accession_number=accession,
+            rule=rule,
+            instances=len(processed),
+            missing=len(listed_missing) + len(expected - found),
+        )
         return state

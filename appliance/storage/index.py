@@ -369,6 +369,34 @@ class Index:
         row = self._db.execute("SELECT * FROM studies WHERE study_key = ?", (study_key,)).fetchone()
         return StudyState(**dict(row)) if row else None
 
+    def study_of(self, study_instance_uid: str) -> StudyState | None:
+        """The study row for a Study Instance UID (rows of earlier releases are keyed by
+        accession number; the first one made wins)."""
+        row = self._db.execute(
+            "SELECT * FROM studies WHERE study_instance_uid = ? ORDER BY first_instance_at LIMIT 1",
+            (study_instance_uid,),
+        ).fetchone()
+        return StudyState(**dict(row)) if row else None
+
+    def open_studies(self) -> list[StudyState]:
+        rows = self._db.execute("SELECT * FROM studies WHERE state = 'OPEN'").fetchall()
+        return [StudyState(**dict(row)) for row in rows]
+
+    def study_instances(self, study_instance_uid: str) -> list[StoredInstance]:
+        rows = self._db.execute(
+            "SELECT * FROM stored_instances WHERE status = 'STORED' AND study_instance_uid = ?"
+            " ORDER BY created_at",
+            (study_instance_uid,),
+        ).fetchall()
+        return [StoredInstance(**dict(row)) for row in rows]
+
+    def study_linked(self, study_key: str, accession_number: str) -> None:
+        """An accession arrived with a later object of a study that had none."""
+        self._db.execute(
+            "UPDATE studies SET accession_number = ? WHERE study_key = ?",
+            (accession_number, study_key),
+        )
+
     def open_study(self, study: StudyState) -> None:
         self._db.execute(
             "INSERT INTO studies (study_key, accession_number, study_instance_uid, state,"

@@ -111,13 +111,18 @@ class ModalitySimulator:
             done("mpps-start", "mpps: IN PROGRESS")
             stored = self.store(item)
             done("store", f"store: {len(stored)} views stored")
-            self.mpps_complete(assoc, mpps_uid, stored)
+            self.mpps_complete(assoc, mpps_uid, item, stored)
             done("mpps-complete", f"mpps: COMPLETED ({time.monotonic() - started:.1f} s)")
         return stored
 
     @staticmethod
     def new_mpps_uid() -> str:
         return generate_uid(synthetic.UID_ROOT)
+
+    @staticmethod
+    def series_uid(item: Dataset) -> str:
+        """The one series a screening exam's four views go in, named again by the MPPS."""
+        return str(generate_uid(synthetic.UID_ROOT, entropy_srcs=[str(item.StudyInstanceUID)]))
 
     @contextlib.contextmanager
     def mpps_association(self) -> Iterator[Any]:
@@ -136,15 +141,36 @@ class ModalitySimulator:
             "ScheduledProcedureStepID", item.AccessionNumber
         )
         step.StudyInstanceUID = item.StudyInstanceUID
+        step.ReferencedStudySequence = []
+        step.RequestedProcedureID = item.get("RequestedProcedureID", item.AccessionNumber)
+        step.RequestedProcedureDescription = item.get("RequestedProcedureDescription", "")
+        step.ScheduledProcedureStepDescription = item.ScheduledProcedureStepSequence[0].get(
+            "ScheduledProcedureStepDescription", ""
+        )
+        step.ScheduledProtocolCodeSequence = []
         ds = Dataset()
+        ds.SpecificCharacterSet = "ISO_IR 192"
         ds.ScheduledStepAttributesSequence = [step]
+        # PS3.4 F.7.2.1 (Table F.7.2-1): every Type 1 and Type 2 attribute of the N-CREATE.
         ds.PatientName, ds.PatientID = item.PatientName, item.PatientID
+        ds.PatientBirthDate = item.get("PatientBirthDate", "")
+        ds.PatientSex = item.get("PatientSex", "")
+        ds.ReferencedPatientSequence = []
         ds.PerformedProcedureStepStatus = "IN PROGRESS"
         ds.PerformedProcedureStepID = mpps_uid[-16:]
         ds.PerformedStationAETitle = self.calling_ae
+        ds.PerformedStationName = self.calling_ae
+        ds.PerformedLocation = ""
         ds.PerformedProcedureStepStartDate = time.strftime("%Y%m%d")
         ds.PerformedProcedureStepStartTime = time.strftime("%H%M%S")
+        ds.PerformedProcedureStepEndDate = ""
+        ds.PerformedProcedureStepEndTime = ""
+        ds.PerformedProcedureStepDescription = step.ScheduledProcedureStepDescription
+        ds.PerformedProcedureTypeDescription = ""
+        ds.ProcedureCodeSequence = []
         ds.Modality = "MG"
+        ds.StudyID = "1"
+        ds.PerformedProtocolCodeSequence = []
         ds.PerformedSeriesSequence = []
         status, _ = assoc.send_n_create(ds, ModalityPerformedProcedureStep, mpps_uid)
         if not status or status.Status != 0x0000:
@@ -159,7 +185,7 @@ class ModalitySimulator:
         )
         stored = []
         try:
-            series = generate_uid(synthetic.UID_ROOT)
+            series = self.series_uid(item)
             for number, (laterality, view) in enumerate(synthetic.SCREENING_VIEWS, start=1):
                 ds = synthetic.mammogram(
                     laterality=laterality,
@@ -182,13 +208,22 @@ class ModalitySimulator:
             assoc.release()
         return stored
 
-    def mpps_complete(self, assoc: Any, mpps_uid: str, stored: list[str]) -> None:
+    def mpps_complete(self, assoc: Any, mpps_uid: str, item: Dataset, stored: list[str]) -> None:
+        """COMPLETED, naming the series and images `store` made (PS3.4 F.7.2.2, Table F.7.2-2:
+        the final state's required attributes)."""
         ds = Dataset()
+        ds.SpecificCharacterSet = "ISO_IR 192"
         ds.PerformedProcedureStepStatus = "COMPLETED"
         ds.PerformedProcedureStepEndDate = time.strftime("%Y%m%d")
         ds.PerformedProcedureStepEndTime = time.strftime("%H%M%S")
         series = Dataset()
-        series.SeriesInstanceUID = generate_uid(synthetic.UID_ROOT)
+        series.SeriesInstanceUID = self.series_uid(item)
+        series.RetrieveAETitle = self.storage_ae
+        series.SeriesDescription = "Screening mammography"
+        series.PerformingPhysicianName = ""
+        series.OperatorsName = ""
+        series.ProtocolName = "Screening 4 views"
+        series.ReferencedNonImageCompositeSOPInstanceSequence = []
         series.ReferencedImageSequence = []
         for uid in stored:
             reference = Dataset()

@@ -1,11 +1,13 @@
 """MPPS rules (PS3.4 F.7) on the worklist store's transactions: this module owns the
 `mpps_instances` table of worklist.db.
 
-N-CREATE must say IN PROGRESS and links the step to its worklist item (by accession, else the
-Scheduled Procedure Step ID, which is our accession); N-SET may repeat IN PROGRESS and ends in
-COMPLETED or DISCONTINUED, after which only an exact retransmission is accepted (answered as
-the success it was). Each change records its event (`mpps.in_progress`, `mpps.completed`,
-`mpps.discontinued`) in the same transaction.
+N-CREATE must say IN PROGRESS and carry its Type 1 attributes; it links the step to its
+worklist items: every item of the Scheduled Step Attributes Sequence (the "group case": one
+MPPS for several requested procedures), each by accession, else the Scheduled Procedure Step
+ID, which is our accession. N-SET may repeat IN PROGRESS and ends in COMPLETED (with at least
+one performed series) or DISCONTINUED, after which only an exact retransmission is accepted
+(answered as the success it was). Each change records its events (`mpps.in_progress`,
+`mpps.completed`, `mpps.discontinued`, one per linked accession) in the same transaction.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ CREATE TABLE IF NOT EXISTS mpps_instances (
     updated_at        TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS mpps_accession ON mpps_instances (accession_number);
+-- Every accession an MPPS performs (several in the group case); mpps_instances.accession_number
+-- is the first of them.
+CREATE TABLE IF NOT EXISTS mpps_links (
+    mpps_instance_uid TEXT NOT NULL,
+    accession_number  TEXT NOT NULL,
+    PRIMARY KEY (mpps_instance_uid, accession_number)
+);
+CREATE INDEX IF NOT EXISTS mpps_links_accession ON mpps_links (accession_number);
 """
 
 
@@ -47,7 +57,8 @@ class Refusal(enum.Enum):
     NO_SUCH_INSTANCE = "no-such-instance"
     DUPLICATE_INSTANCE = "duplicate-instance"
     INVALID_VALUE = "invalid-value"
-    MISSING_ATTRIBUTE = "missing-attribute"
+    MISSING_ATTRIBUTE = "missing-attribute"  # absent (0x0120)
+    MISSING_VALUE = "missing-value"  # present, empty (0x0121)
     NO_LONGER_UPDATABLE = "no-longer-updatable"  # COMPLETED or DISCONTINUED: final
 
 
@@ -65,6 +76,20 @@ PPS_STATUS = "00400252"
 PERFORMED_SERIES = "00400340"
 REFERENCED_IMAGES = "00081140"
 REFERENCED_SOP_INSTANCE = "00081155"
+RETRIEVE_AE_TITLE = "00080054"
+SPECIFIC_CHARACTER_SET = "00080005"
+SCHEDULED_STEP_ATTRIBUTES = "00400270"
+
+#: Type 1 attributes of an N-CREATE (PS3.4 F.7.2.1, Table F.7.2-1), by DICOM JSON tag.
+CREATE_TYPE_1 = {
+    "00400253": "Performed Procedure Step ID",
+    "00400241": "Performed Station AE Title",
+    "00400244": "Performed Procedure Step Start Date",
+    "00400245": "Performed Procedure Step Start Time",
+    "00400252": "Performed Procedure Step Status",
+    "00080060": "Modality",
+}
+STUDY_INSTANCE_UID = "0020000D"
 
 
 def _json_text(attributes: dict[str, Any], tag: str) -> str | None:
@@ -72,14 +97,54 @@ def _json_text(attributes: dict[str, Any], tag: str) -> str | None:
     return str(values[0]) if values else None
 
 
-def _performed_instances(attributes: dict[str, Any]) -> list[str]:
-    found = []
+def _check_type_1(attributes: dict[str, Any]) -> None:
+    """Refuse an N-CREATE without its Type 1 attributes: absent 0x0120, empty 0x0121."""
+    for tag, name in CREATE_TYPE_1.items():
+        if tag not in attributes:
+            raise MppsError(Refusal.MISSING_ATTRIBUTE, f"{name} missing")
+        if _json_text(attributes, tag) is None:
+            raise MppsError(Refusal.MISSING_VALUE, f"{name} empty")
+    steps = attributes.get(SCHEDULED_STEP_ATTRIBUTES, {}).get("Value") or []
+    if not steps:
+        raise MppsError(Refusal.MISSING_ATTRIBUTE, "Scheduled Step Attributes Sequence missing")
+    for step in steps:
+        if _json_text(step, STUDY_INSTANCE_UID) is None:
+            raise MppsError(Refusal.MISSING_VALUE, "Study Instance UID missing in a scheduled step")
+
+
+@frozen
+class Performed:
+    """What a completed MPPS says was made: the instances sent here (their series' Retrieve
+    AE Title is this gateway's, or not given) and those sent elsewhere (F.7.2.2.2: a unit lists
+    every instance it created, and each series may go to another AE)."""
+
+    here: list[str]
+    elsewhere: list[str]
+
+
+def performed_instances(attributes: dict[str, Any], ae_title: str | None = None) -> Performed:
+    here: list[str] = []
+    elsewhere: list[str] = []
     for series in attributes.get(PERFORMED_SERIES, {}).get("Value") or []:
+        retrieve_ae = (_json_text(series, RETRIEVE_AE_TITLE) or "").strip()
+        ours = not retrieve_ae or ae_title is None or retrieve_ae == ae_title.strip()
         for image in series.get(REFERENCED_IMAGES, {}).get("Value") or []:
             uid = _json_text(image, REFERENCED_SOP_INSTANCE)
             if uid:
-                found.append(uid)
-    return found
+                (here if ours else elsewhere).append(uid)
+    return Performed(here, elsewhere)
+
+
+def _performed_instances(attributes: dict[str, Any]) -> list[str]:
+    performed = performed_instances(attributes)
+    return performed.here + performed.elsewhere
+
+
+@frozen
+class MppsSummary:
+    status: str
+    sop_instance_uid: str
+    attributes: dict[str, Any]
 
 
 @frozen
@@ -92,6 +157,7 @@ class MppsOutcome:
 def forget_in(db: sqlite3.Connection, mpps_instance_uid: str) -> None:
     """Inside the store's transaction: a removed test item's MPPS instance goes with it."""
     db.execute("DELETE FROM mpps_instances WHERE sop_instance_uid = ?", (mpps_instance_uid,))
+    db.execute("DELETE FROM mpps_links WHERE mpps_instance_uid = ?", (mpps_instance_uid,))
 
 
 class Mpps:
@@ -115,9 +181,11 @@ class Mpps:
         self,
         sop_instance_uid: str,
         attributes: dict[str, Any],
-        accession_number: str | None,
-        step_id: str | None,
+        steps: list[tuple[str | None, str | None]],
     ) -> MppsOutcome:
+        """`steps`: (Accession Number, Scheduled Procedure Step ID) of each item of the
+        Scheduled Step Attributes Sequence."""
+        _check_type_1(attributes)
         status = _json_text(attributes, PPS_STATUS)
         if status != IN_PROGRESS:
             raise MppsError(
@@ -132,29 +200,63 @@ class Mpps:
                 if json.loads(row["attributes"]) == attributes:
                     return MppsOutcome(row["status"], True, row["accession_number"])
                 raise MppsError(Refusal.DUPLICATE_INSTANCE, "MPPS instance already exists")
-            item = self._linked_item(db, accession_number, step_id)
-            accession = item.accession_number if item else accession_number
+            linked: list[tuple[str | None, WorklistItem | None]] = []
+            for accession_number, step_id in steps:
+                item = self._linked_item(db, accession_number, step_id)
+                accession = item.accession_number if item else accession_number
+                if accession and all(accession != known for known, _ in linked):
+                    linked.append((accession, item))
+            if not linked:
+                linked = [(None, None)]
+            first = linked[0][0]
             db.execute(
                 "INSERT INTO mpps_instances VALUES (?, ?, ?, ?, ?, ?)",
-                (sop_instance_uid, accession, status, json.dumps(attributes), stamp, stamp),
+                (sop_instance_uid, first, status, json.dumps(attributes), stamp, stamp),
             )
-            if item is not None:
-                # Recorded whatever the item's state: a first image may have moved it already.
-                changes: dict[str, Any] = {"mpps_instance_uid": sop_instance_uid}
-                if item.status in OFFERED:
-                    changes["status"] = IN_PROGRESS
-                item = self._store.update_in(db, item, **changes)
-            self._store.record_event(
-                "mpps.in_progress",
-                item,
-                {
+            group = [accession for accession, _ in linked if accession]
+            for accession, item in linked:
+                if accession:
+                    db.execute(
+                        "INSERT OR IGNORE INTO mpps_links VALUES (?, ?)",
+                        (sop_instance_uid, accession),
+                    )
+                if item is not None:
+                    # Recorded whatever the item's state: a first image may have moved it.
+                    changes: dict[str, Any] = {"mpps_instance_uid": sop_instance_uid}
+                    if item.status in OFFERED:
+                        changes["status"] = IN_PROGRESS
+                    item = self._store.update_in(db, item, **changes)
+                payload: dict[str, Any] = {
                     "mpps_instance_uid": sop_instance_uid,
                     "status": IN_PROGRESS,
                     "study_instance_uid": item.study_instance_uid if item else None,
-                },
-                accession_number=accession,
+                }
+                if len(group) > 1:
+                    payload["group"] = group
+                self._store.record_event(
+                    "mpps.in_progress", item, payload, accession_number=accession
+                )
+        return MppsOutcome(status, False, first)
+
+    def _linked_accessions(self, db: sqlite3.Connection, row: sqlite3.Row) -> list[str]:
+        found = [
+            r[0]
+            for r in db.execute(
+                "SELECT accession_number FROM mpps_links WHERE mpps_instance_uid = ?"
+                " ORDER BY rowid",
+                (row["sop_instance_uid"],),
             )
-        return MppsOutcome(status, False, accession)
+        ]
+        first = row["accession_number"]
+        return found or ([first] if first else [])
+
+    def character_set(self, sop_instance_uid: str) -> str | None:
+        """The N-CREATE's Specific Character Set: an N-SET without one is in it (F.7.2.2.1)."""
+        found = self.get(sop_instance_uid)
+        if found is None:
+            return None
+        values = found["attributes"].get(SPECIFIC_CHARACTER_SET, {}).get("Value") or []
+        return "\\".join(str(v or "") for v in values) or None
 
     def update(self, sop_instance_uid: str, modifications: dict[str, Any]) -> MppsOutcome:
         with self._store.transaction() as db:
@@ -183,36 +285,46 @@ class Mpps:
             )
             if status == IN_PROGRESS:
                 return MppsOutcome(status, merged == current, row["accession_number"])
-            item = self._linked_item(db, row["accession_number"], None)
-            if item is not None:
-                item = self._store.update_in(
-                    db, item, status=status, mpps_instance_uid=sop_instance_uid
+            if status == COMPLETED and not (merged.get(PERFORMED_SERIES, {}).get("Value") or []):
+                raise MppsError(
+                    Refusal.MISSING_VALUE, "COMPLETED needs at least one Performed Series item"
                 )
-            self._store.record_event(
-                "mpps.completed" if status == COMPLETED else "mpps.discontinued",
-                item,
-                {
+            group = self._linked_accessions(db, row)
+            targets: list[str | None] = list(group) or [None]
+            for accession in targets:
+                item = self._linked_item(db, accession, None) if accession else None
+                if item is not None:
+                    item = self._store.update_in(
+                        db, item, status=status, mpps_instance_uid=sop_instance_uid
+                    )
+                payload = {
                     "mpps_instance_uid": sop_instance_uid,
                     "status": status,
                     "study_instance_uid": item.study_instance_uid if item else None,
                     "performed_instances": _performed_instances(merged),
-                },
-                accession_number=row["accession_number"],
-            )
+                }
+                if len(group) > 1:
+                    payload["group"] = group
+                self._store.record_event(
+                    "mpps.completed" if status == COMPLETED else "mpps.discontinued",
+                    item,
+                    payload,
+                    accession_number=accession,
+                )
         return MppsOutcome(status, False, row["accession_number"])
 
-    def latest(self, accession_number: str) -> tuple[str, str, list[str]] | None:
-        """(status, MPPS UID, performed instances) of the newest MPPS for an accession."""
+    def latest(self, accession_number: str) -> MppsSummary | None:
+        """The newest MPPS that performs an accession (alone or in a group)."""
         with self._store.reader() as db:
             row = db.execute(
-                "SELECT * FROM mpps_instances WHERE accession_number = ?"
+                "SELECT * FROM mpps_instances WHERE accession_number = ? OR sop_instance_uid IN"
+                " (SELECT mpps_instance_uid FROM mpps_links WHERE accession_number = ?)"
                 " ORDER BY updated_at DESC, created_at DESC LIMIT 1",
-                (accession_number,),
+                (accession_number, accession_number),
             ).fetchone()
         if row is None:
             return None
-        attributes = json.loads(row["attributes"])
-        return row["status"], row["sop_instance_uid"], _performed_instances(attributes)
+        return MppsSummary(row["status"], row["sop_instance_uid"], json.loads(row["attributes"]))
 
     def get(self, sop_instance_uid: str) -> dict[str, Any] | None:
         with self._store.reader() as db:

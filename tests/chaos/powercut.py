@@ -150,7 +150,7 @@ def _unit(
                 with ledger.lock:
                     ledger.mpps[mpps_uid] = "IN PROGRESS"
                 stored = _store(ports["storage"], item, ledger, data / accession)
-                sim.mpps_complete(mpps, mpps_uid, stored)
+                sim.mpps_complete(mpps, mpps_uid, item, stored)
                 with ledger.lock:
                     ledger.mpps[mpps_uid] = "COMPLETED"
         except Exception:  # the power went: this item is done again later, as a unit would
@@ -167,6 +167,7 @@ def _store(port: int, item: pydicom.Dataset, ledger: Ledger, folder: Path) -> li
             patient_id=str(item.PatientID), patient_name=str(item.PatientName),
             accession_number=str(item.AccessionNumber),
             study_instance_uid=str(item.StudyInstanceUID),
+            series_instance_uid=ModalitySimulator.series_uid(item),
         )  # fmt: skip
         path = folder / f"{ds.SOPInstanceUID}.dcm"
         ds.save_as(path, enforce_file_format=True)
