@@ -144,6 +144,14 @@ def _parser() -> CommandTree:
     )
     add.add_argument("--modality", default="MG")
     add.add_argument("--description", default="Screening mammography")
+    add.add_argument("--station-ae", default="", help="Scheduled Station AE Title (the unit)")
+    add.add_argument("--station-name", default="", help="Scheduled Station Name")
+    add.add_argument(
+        "--procedure-code",
+        default="",
+        metavar="VALUE^SCHEME^MEANING",
+        help="procedure/protocol code, e.g. 24623002^SCT^Screening mammography",
+    )
     listing = command(worklist_sub, "list", "items offered to modalities", cmd_worklist_list)
     listing.add_argument("--all", action="store_true", help="include finished items")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")

@@ -15,6 +15,8 @@ import zoneinfo
 from collections.abc import Callable
 from typing import Any
 
+import attrs
+
 from appliance import config as config_module
 from appliance import control
 from appliance.cli.offline import load, offline
@@ -36,6 +38,15 @@ def _scheduled(text: str, zone_name: str) -> datetime.datetime:
     return moment.astimezone(datetime.UTC)
 
 
+def _procedure_code(text: str) -> tuple[str, str, str]:
+    if not text:
+        return "", "", ""
+    parts = text.split("^")
+    if len(parts) != 3 or not all(parts):
+        raise ConfigError([f"worklist add: --procedure-code {text!r} is not VALUE^SCHEME^MEANING"])
+    return parts[0], parts[1], parts[2]
+
+
 def _through_appliance(paths: StatePaths, action: dict[str, Any]) -> dict[str, Any]:
     reply = control.request(paths.control_socket, action, timeout=30)
     if reply.get("status") == "error":
@@ -55,6 +66,15 @@ def cmd_worklist_add(args: argparse.Namespace) -> int:
         scheduled_at=_scheduled(args.scheduled, config.worklist.timezone),
         modality=args.modality,
         study_description=args.description,
+        scheduled_station_ae=args.station_ae,
+        scheduled_station_name=args.station_name,
+    )
+    value, scheme, meaning = _procedure_code(args.procedure_code)
+    item = attrs.evolve(
+        item,
+        procedure_code_value=value,
+        procedure_code_scheme=scheme,
+        procedure_code_meaning=meaning,
     )
     try:
         if in_use(paths):
@@ -79,6 +99,11 @@ def cmd_worklist_add(args: argparse.Namespace) -> int:
                             "procedure": {
                                 "modality": item.modality,
                                 "study_description": item.study_description,
+                                "station_ae_title": item.scheduled_station_ae,
+                                "station_name": item.scheduled_station_name,
+                                "code_value": item.procedure_code_value,
+                                "code_scheme": item.procedure_code_scheme,
+                                "code_meaning": item.procedure_code_meaning,
                             },
                         }
                     },

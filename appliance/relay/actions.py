@@ -45,6 +45,13 @@ class Scheduled:
 class Procedure:
     modality: str = "MG"
     study_description: str = ""
+    #: The unit that will perform it (Scheduled Station AE Title / Name); empty: site default.
+    station_ae_title: str = ""
+    station_name: str = ""
+    #: Procedure (and protocol) code; all three or none; none: the site's default.
+    code_value: str = ""
+    code_scheme: str = ""
+    code_meaning: str = ""
 
 
 @frozen
@@ -206,6 +213,11 @@ class CloudActions:
         self, parameters: Any, message: dict[str, Any], test: bool = False
     ) -> dict[str, Any]:
         new = _structure(parameters, CreateItem).worklist_item
+        code = (new.procedure.code_value, new.procedure.code_scheme, new.procedure.code_meaning)
+        if any(code) and not all(code):
+            raise ActionError("procedure code needs code_value, code_scheme and code_meaning")
+        if len(new.procedure.station_ae_title) > 16:
+            raise ActionError("procedure.station_ae_title is longer than 16 characters")
         item = WorklistItem(
             accession_number=new.accession_number,
             patient_id=new.participant.nhs_number,
@@ -215,6 +227,11 @@ class CloudActions:
             scheduled_at=_utc(new.scheduled),
             modality=new.procedure.modality,
             study_description=new.procedure.study_description,
+            scheduled_station_ae=new.procedure.station_ae_title,
+            scheduled_station_name=new.procedure.station_name,
+            procedure_code_value=new.procedure.code_value,
+            procedure_code_scheme=new.procedure.code_scheme,
+            procedure_code_meaning=new.procedure.code_meaning,
             source_message_id=message.get("action_id"),
             is_test=test,
         )
