@@ -230,3 +230,22 @@ def test_unscheduled_procedure_is_recorded_without_an_item(appliance, modality):
     assert appliance.worklist.mpps.get(uid)["accession_number"] == "WALK-IN-1"
     [event] = appliance.worklist.events()
     assert (event["event_type"], event["source_message_id"]) == ("mpps.in_progress", None)
+
+
+def test_an_n_set_without_character_set_is_read_in_the_n_create_s(appliance, modality):
+    """F.7.2.2.1: the N-SET's text is in the N-CREATE's Specific Character Set unless it
+    names its own. UTF-8 bytes under no label were stored as Latin-1 mojibake."""
+    from pydicom.dataelem import DataElement
+
+    uid = generate_uid()
+    created = in_progress()
+    created.SpecificCharacterSet = "ISO_IR 192"
+    assert modality.create(created, uid).Status == 0
+    update = Dataset()
+    update.PerformedProcedureStepStatus = "IN PROGRESS"
+    text = "Mammographie für Zoë"
+    # The unit's bytes: UTF-8, no Specific Character Set in the N-SET.
+    update.add(DataElement(0x00400254, "LO", text.encode("utf-8")))
+    assert modality.set(update, uid).Status == 0
+    stored = appliance.worklist.mpps.get(uid)["attributes"]
+    assert stored["00400254"]["Value"] == [text]

@@ -200,3 +200,101 @@ def test_two_studies_interleaved_on_two_associations_complete_separately(tmp_pat
     by_study = {e["accession_number"]: e["payload"] for e in study_events(tmp_path / "state")}
     assert sorted(by_study["ACC-A"]["instances"]) == sorted(uids(first))
     assert sorted(by_study["ACC-B"]["instances"]) == sorted(uids(second))
+
+
+def _series(retrieve_ae: str, instances: list[str]) -> pydicom.Dataset:
+    series = pydicom.Dataset()
+    series.SeriesInstanceUID = generate_uid()
+    series.RetrieveAETitle = retrieve_ae
+    series.ReferencedImageSequence = []
+    for uid in instances:
+        ref = pydicom.Dataset()
+        ref.ReferencedSOPClassUID = synthetic.MG_FOR_PRESENTATION
+        ref.ReferencedSOPInstanceUID = uid
+        series.ReferencedImageSequence.append(ref)
+    return series
+
+
+def test_an_mpps_listing_an_image_that_never_comes_completes_by_views_naming_it(tmp_path):
+    """PS3.4 F.7.2.2.2: the unit lists every instance it made, also one it never sends here
+    (a rejected exposure). The study completes by its views and the quiet period."""
+    config = prepare(tmp_path, "ACC-S9")
+    paths = views(tmp_path, "ACC-S9")
+    never = generate_uid()
+    with ApplianceProcess(config) as app:
+        unit = Modality(app.ports["worklist"])
+        mpps = generate_uid()
+        unit.create(in_progress("ACC-S9"), mpps)
+        send_files(app.ports["storage"], paths)
+        unit.set(finished(images=(*uids(paths), never)), mpps)
+        unit.close()
+        [event] = wait_for(tmp_path / "state", 1, within=10)
+    payload = event["payload"]
+    assert (event["event_type"], payload["rule"]) == ("study.complete", "views")
+    assert payload["instances_missing"] == [never]
+
+
+def test_instances_the_mpps_sent_elsewhere_are_not_waited_for(tmp_path):
+    """Each Performed Series carries its Retrieve AE Title: a For Processing series sent to
+    CAD is not this gateway's to wait for; the MPPS rule fires on what was sent here."""
+    config = prepare(tmp_path, "ACC-SA")
+    paths = views(tmp_path, "ACC-SA")
+    cad = [generate_uid(), generate_uid()]
+    with ApplianceProcess(config) as app:
+        unit = Modality(app.ports["worklist"])
+        mpps = generate_uid()
+        unit.create(in_progress("ACC-SA"), mpps)
+        send_files(app.ports["storage"], paths)
+        done = finished()
+        done.PerformedSeriesSequence = [
+            _series("SCREENING_PACS", uids(paths)),
+            _series("CAD_SERVER", cad),
+        ]
+        assert unit.set(done, mpps).Status == 0
+        unit.close()
+        [event] = wait_for(tmp_path / "state", 1, within=10)
+    payload = event["payload"]
+    assert payload["rule"] == "mpps"
+    assert sorted(payload["instances_elsewhere"]) == sorted(cad)
+    assert payload["instances_missing"] == []
+
+
+def test_objects_without_an_accession_belong_to_their_study(tmp_path):
+    """A dose report or a secondary capture without Accession Number, same Study Instance UID:
+    one study, one completion, the accession found on its other objects."""
+    config = prepare(tmp_path, "ACC-SB")
+    paths = views(tmp_path, "ACC-SB")
+    study = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    extra = tmp_path / "no-accession.dcm"
+    synthetic.mammogram(
+        shape=(64, 64), accession_number="", study_instance_uid=study, laterality="R", view="XCC"
+    ).save_as(extra, enforce_file_format=True)
+    with ApplianceProcess(config) as app:
+        send_files(app.ports["storage"], [extra, *paths])
+        [event] = wait_for(tmp_path / "state", 1, within=10)
+        time.sleep(2)  # a second completion would have come by now
+        assert len(study_events(tmp_path / "state")) == 1
+    assert event["accession_number"] == "ACC-SB"
+    assert len(event["payload"]["instances"]) == 5
+
+
+def test_one_mpps_for_two_requested_procedures_completes_both(tmp_path):
+    """The group case: two items in the Scheduled Step Attributes Sequence."""
+    config = prepare(tmp_path, "ACC-G1", "ACC-G2")
+    with ApplianceProcess(config) as app:
+        unit = Modality(app.ports["worklist"])
+        mpps = generate_uid()
+        group = in_progress("ACC-G1")
+        second = pydicom.Dataset()
+        second.AccessionNumber = "ACC-G2"
+        second.ScheduledProcedureStepID = "ACC-G2"
+        second.StudyInstanceUID = group.ScheduledStepAttributesSequence[0].StudyInstanceUID
+        group.ScheduledStepAttributesSequence.append(second)
+        assert unit.create(group, mpps).Status == 0
+        assert unit.set(finished(images=("1.2.3.4.9",)), mpps).Status == 0
+        unit.close()
+        store = WorklistStore(StatePaths(tmp_path / "state"))
+        assert [store.get(a).status for a in ("ACC-G1", "ACC-G2")] == ["COMPLETED", "COMPLETED"]
+        events = [(e["event_type"], e["accession_number"]) for e in store.events()]
+    assert ("mpps.completed", "ACC-G1") in events
+    assert ("mpps.completed", "ACC-G2") in events
