@@ -316,7 +316,7 @@ class OrthancProcess:
         if shutil.which("Orthanc") is None:
             raise RuntimeError("Orthanc is not installed: apt-get install orthanc (just deps)")
         self.ae_title = ae_title
-        self.dicom_port, self.http_port = _free_port(), _free_port()
+        self.dicom_port, self.http_port = free_port(), free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         config = {
             "Name": "peer",
@@ -387,7 +387,7 @@ class OrthancProcess:
         return self.request("POST", path, body)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -24,6 +24,7 @@ from tests.support import (
     ApplianceProcess,
     commitment_request,
     encode,
+    free_port,
     hear_commitment,
     index_rows,
     send_files,
@@ -38,18 +39,10 @@ ITEM = b"\xfe\xff\x00\xe0"
 DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
-    committer = _free_port()
+    committer = free_port()
     config = write_config(
         root,
         {

@@ -4,7 +4,6 @@ findscu/getscu/movescu and pynetdicom."""
 from __future__ import annotations
 
 import datetime
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from tests.support import (
     commitment_request,
     dataset_bytes,
     encode,
+    free_port,
     hear_commitment,
     request_commitment,
     send_files,
@@ -37,12 +37,6 @@ from tests.support import (
 pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.system]
 
 SMALL = (128, 96)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

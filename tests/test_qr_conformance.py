@@ -6,7 +6,6 @@ needs a protocol detail dcmtk's tools do not expose (extended negotiation, raw s
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -25,18 +24,19 @@ from pynetdicom.sop_class import (
 )
 
 from appliance.testing import synthetic
-from tests.support import ApplianceProcess, dataset_bytes, encode, send_files, write_config
+from tests.support import (
+    ApplianceProcess,
+    dataset_bytes,
+    encode,
+    free_port,
+    send_files,
+    write_config,
+)
 
 pytestmark = [pytest.mark.usefixtures("dcmtk"), pytest.mark.system]
 
 SMALL = (128, 96)
 MG = DigitalMammographyXRayImageStorageForPresentation
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def odd_length_copy(source: Path, target: Path) -> Path:

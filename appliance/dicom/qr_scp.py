@@ -377,12 +377,18 @@ class QueryRetrieveSCP:
 
     # --- C-GET and C-MOVE ---------------------------------------------------------------------
 
-    def _instances(self, identifier: Dataset, sop_class: str) -> list[sqlite3.Row]:
+    @staticmethod
+    def _retrieve_level(identifier: Dataset, sop_class: str) -> str:
+        """The level of a valid retrieve identifier; InvalidIdentifier otherwise."""
         level = check_identifier(identifier, sop_class)
         if not any(
             _uid_list(identifier.get(k, "") and identifier[k].value) for k, _ in UNIQUE.values()
         ):
             raise InvalidIdentifier(f"a retrieve at {level} needs its unique key")
+        return level
+
+    def _instances(self, identifier: Dataset, sop_class: str) -> list[sqlite3.Row]:
+        level = self._retrieve_level(identifier, sop_class)
         rows = _rows(self._index, identifier)
         wanted = _group(rows, level)
         return [row for group in wanted.values() for row in group]
@@ -440,7 +446,7 @@ class QueryRetrieveSCP:
             )
             return status(MOVE_DESTINATION_UNKNOWN, f"Move destination {target} is not configured")
         try:
-            self._instances(identifier, str(request.AffectedSOPClassUID or ""))
+            self._retrieve_level(identifier, str(request.AffectedSOPClassUID or ""))
         except InvalidIdentifier as exc:
             log.warning(
                 "qr.retrieve_rejected", phase="identifier", reason=str(exc), calling_ae=calling_ae

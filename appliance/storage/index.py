@@ -356,14 +356,18 @@ class Index:
 
     # --- studies ----------------------------------------------------------------------------------
 
-    def stored_since(self, since: str) -> list[StoredInstance]:
-        """STORED instances received since `since`, oldest first: what study completeness sees."""
+    def _stored(self, where: str, params: tuple[str, ...]) -> list[StoredInstance]:
+        """STORED instances matching `where`, oldest first."""
         rows = self._db.execute(
-            "SELECT * FROM stored_instances WHERE status = 'STORED' AND created_at >= ?"
+            f"SELECT * FROM stored_instances WHERE status = 'STORED' AND {where}"
             " ORDER BY created_at",
-            (since,),
+            params,
         ).fetchall()
         return [StoredInstance(**dict(row)) for row in rows]
+
+    def stored_since(self, since: str) -> list[StoredInstance]:
+        """STORED instances received since `since`: what study completeness sees."""
+        return self._stored("created_at >= ?", (since,))
 
     def study(self, study_key: str) -> StudyState | None:
         row = self._db.execute("SELECT * FROM studies WHERE study_key = ?", (study_key,)).fetchone()
@@ -383,12 +387,7 @@ class Index:
         return [StudyState(**dict(row)) for row in rows]
 
     def study_instances(self, study_instance_uid: str) -> list[StoredInstance]:
-        rows = self._db.execute(
-            "SELECT * FROM stored_instances WHERE status = 'STORED' AND study_instance_uid = ?"
-            " ORDER BY created_at",
-            (study_instance_uid,),
-        ).fetchall()
-        return [StoredInstance(**dict(row)) for row in rows]
+        return self._stored("study_instance_uid = ?", (study_instance_uid,))
 
     def study_linked(self, study_key: str, accession_number: str) -> None:
         """An accession arrived with a later object of a study that had none."""
