@@ -4,6 +4,7 @@ dcmtk (and Orthanc for retrieval), same run."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from tests.bench import pipeline, retrieve, storage, worklist
 
@@ -23,6 +24,7 @@ def main() -> None:
     unknown = set(suites) - set(every)
     if unknown:
         parser.error(f"unknown suite(s): {', '.join(sorted(unknown))}")
+    (Path.cwd() / "var").mkdir(exist_ok=True)  # every suite keeps its servers and data here
     if "storage" in suites:
         storage.main(args.studies, args.rounds)
     if "worklist" in suites:
