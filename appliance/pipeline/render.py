@@ -2,10 +2,15 @@
 
 Display pipeline (PS3.3 C.11): Modality LUT (Rescale Slope/Intercept or Modality LUT Sequence),
 VOI (first Window Center/Width, with VOI LUT Function LINEAR, LINEAR_EXACT or SIGMOID; else
-the VOI LUT Sequence; else a robust automatic window), then polarity (MONOCHROME1 and
-Presentation LUT Shape INVERSE are shown inverted). Multi-frame objects (tomosynthesis) show
-their central frame. Pixels are reduced before any floating-point work: JPEG 2000 is decoded
-at reduced resolution by OpenJPEG (through Pillow), other syntaxes are area-averaged.
+the VOI LUT Sequence; else a robust automatic window), then polarity: MONOCHROME1 is shown
+inverted once, whatever its Presentation LUT Shape (the mammography IODs require INVERSE with
+MONOCHROME1: it is how MONOCHROME1 is realised for display, not a second inversion); a
+MONOCHROME2 image is inverted only by INVERSE. Multi-frame objects (tomosynthesis) show their
+central frame, with that frame's functional groups (Frame VOI LUT, Pixel Value
+Transformation; per-frame over shared). Pixels are reduced before any floating-point work:
+JPEG 2000 is decoded at reduced resolution by OpenJPEG (through Pillow), other syntaxes are
+area-averaged. A rendering that is uniform although the stored values vary is refused: a
+thumbnail is evidence a radiographer looks at.
 """
 
 from __future__ import annotations
@@ -35,11 +40,25 @@ class Rendition:
 
 
 class RenderError(Exception):
-    """The image cannot be rendered; ``phase`` names where (decode, display, encode)."""
+    """The image cannot be rendered; ``phase`` names where (decode, display, render, write)."""
 
     def __init__(self, phase: str, reason: str) -> None:
         super().__init__(f"{phase}: {reason}")
         self.phase = phase
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[RenderError], tuple[str, str]]:
+        return type(self), (self.phase, self.reason)
+
+
+def jpeg2000_precision(codestream: bytes) -> int | None:
+    """The first component's sample precision in bits from the codestream's SIZ marker
+    (ISO/IEC 15444-1 A.5.1), or None when there is no SIZ segment where it must be."""
+    start = codestream.find(b"\xff\x4f\xff\x51")  # SOC then SIZ (a JP2 wrapper may precede it)
+    if start < 0 or len(codestream) < start + 2 + 41:
+        return None
+    ssiz = codestream[start + 2 + 40]  # after SIZ's marker, Lsiz, Rsiz, 8 sizes and Csiz
+    return (ssiz & 0x7F) + 1
 
 
 def _jpeg2000_reduced(path: Path, header: pydicom.Dataset, height: int) -> np.ndarray | None:
@@ -49,13 +68,17 @@ def _jpeg2000_reduced(path: Path, header: pydicom.Dataset, height: int) -> np.nd
     rows = int(header.Rows)
     reduce = max(int(math.log2(rows / height)), 0) if rows > height else 0
     codestream = next(generate_frames(pydicom.dcmread(path).PixelData, number_of_frames=1))
+    precision = jpeg2000_precision(codestream)
+    if precision is None or precision > 16:
+        return None
     image = Image.open(io.BytesIO(codestream))
     image.reduce = reduce  # type: ignore[method-assign,assignment]  # Pillow: levels to skip
     image.load()
     pixels = np.asarray(image)
-    if image.mode == "I;16" and int(header.BitsStored) < 16:
-        # OpenJPEG output is scaled to 16 bits in Pillow; the VOI expects stored values.
-        pixels = pixels >> (16 - int(header.BitsStored))
+    if image.mode == "I;16" and precision < 16:
+        # Pillow scales OpenJPEG's samples to 16 bits by the codestream's own precision, which
+        # need not be Bits Stored (both mismatches exist in the field): undo exactly that.
+        pixels = pixels >> (16 - precision)
     return pixels
 
 
@@ -118,6 +141,50 @@ def _voi_lut(values: np.ndarray, lut: pydicom.Dataset) -> np.ndarray:
     return looked_up
 
 
+#: What a frame's functional groups (PS3.3 C.7.6.16) may say about display, by macro.
+FRAME_DISPLAY_MACROS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
+DISPLAY_KEYWORDS = ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
+
+
+def frame_header(header: pydicom.Dataset, index: int) -> pydicom.Dataset:
+    """The header as frame `index` of an enhanced multi-frame object is displayed: its Pixel
+    Value Transformation and Frame VOI LUT macros (per-frame over shared) replace the
+    top-level rescale and window. Other objects are returned as they are."""
+    groups = [
+        group[0]
+        for group in (
+            header.get("SharedFunctionalGroupsSequence"),
+            (header.get("PerFrameFunctionalGroupsSequence") or [])[index : index + 1] or None,
+        )
+        if group
+    ]
+    found: dict[str, Any] = {}
+    for group in groups:  # per-frame last: it overrides shared
+        for macro in FRAME_DISPLAY_MACROS:
+            for item in group.get(macro) or []:
+                for keyword in (*DISPLAY_KEYWORDS, "VOILUTFunction"):
+                    if item.get(keyword) not in (None, ""):
+                        found[keyword] = item.get(keyword)
+    if not found:
+        return header
+    effective = pydicom.Dataset()
+    effective.update(header)  # shallow: the elements are shared, not copied
+    for keyword, value in found.items():
+        setattr(effective, keyword, value)
+    if "WindowCenter" in found:  # a frame's window wins over a top-level VOI LUT table
+        effective.pop("VOILUTSequence", None)
+    return effective
+
+
+def inverted(header: pydicom.Dataset) -> bool:
+    """Whether displayed grey levels are inverted: MONOCHROME1 once, whatever its Presentation
+    LUT Shape (INVERSE is how MONOCHROME1 is realised, C.8.11.1.1.1 and C.11.6); MONOCHROME2
+    only with INVERSE."""
+    if str(header.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        return True
+    return str(header.get("PresentationLUTShape", "")) == "INVERSE"
+
+
 def display(stored: np.ndarray, header: pydicom.Dataset) -> np.ndarray:
     """Stored values -> displayed grey levels 0..1."""
     if "ModalityLUTSequence" in header:
@@ -134,10 +201,31 @@ def display(stored: np.ndarray, header: pydicom.Dataset) -> np.ndarray:
     else:  # no VOI given: a robust automatic window over the image's own values
         low, high = np.percentile(values, (0.5, 99.5))
         grey = np.clip((values - low) / max(high - low, 1.0), 0.0, 1.0)
-    inverted = str(header.get("PhotometricInterpretation", "")) == "MONOCHROME1"
-    if str(header.get("PresentationLUTShape", "")) == "INVERSE":
-        inverted = not inverted
-    return 1.0 - grey if inverted else grey
+    return 1.0 - grey if inverted(header) else grey
+
+
+#: A rendering with this share of its pixels within NEAR_EXTREME grey levels of black (or of
+#: white) is not an image: a mammogram shows its tissue well inside the grey scale.
+UNIFORM_SHARE = 0.995
+NEAR_EXTREME = 12
+
+
+def check_not_uniform(stored: np.ndarray, levels: np.ndarray) -> None:
+    """Refuse a rendering that is (nearly) all black or all white while the stored values vary:
+    the sign of a decoder or a display rule gone wrong (a mis-scaled codestream, a window far
+    outside the data), not of an image."""
+    if levels.size == 0 or float(np.ptp(stored)) == 0.0:
+        return
+    dark = float(np.count_nonzero(levels <= NEAR_EXTREME)) / levels.size
+    light = float(np.count_nonzero(levels >= 255 - NEAR_EXTREME)) / levels.size
+    for share, colour in ((dark, "black"), (light, "white")):
+        if share >= UNIFORM_SHARE:
+            low, high = (float(v) for v in np.percentile(stored, (1, 99)))
+            raise RenderError(
+                "render",
+                f"rendering is {share:.1%} {colour} although the stored values vary "
+                f"({low:g}..{high:g}): not shown as an image",
+            )
 
 
 def render(path: Path, renditions: Sequence[Rendition]) -> list[bytes] | None:
@@ -147,14 +235,18 @@ def render(path: Path, renditions: Sequence[Rendition]) -> list[bytes] | None:
         return None
     tallest = max(r.height for r in renditions)
     pixels = decode(path, header, tallest)
+    frames = int(header.get("NumberOfFrames") or 1)
     try:
         if pixels.ndim == 3:  # colour (e.g. secondary capture): pydicom already gave RGB
             image = Image.fromarray(np.asarray(pixels, dtype=np.uint8))
         else:
-            grey = display(pixels, header)
-            image = Image.fromarray((grey * 255.0 + 0.5).astype(np.uint8))
+            grey = display(pixels, frame_header(header, frames // 2 if frames > 1 else 0))
+            levels = (grey * 255.0 + 0.5).astype(np.uint8)
+            image = Image.fromarray(levels)
     except Exception as exc:
         raise RenderError("display", f"{type(exc).__name__}: {exc}") from exc
+    if pixels.ndim != 3:
+        check_not_uniform(pixels, levels)
     outputs = []
     for rendition in renditions:
         scaled = image
