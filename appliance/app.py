@@ -32,6 +32,7 @@ from appliance.log import get_logger
 from appliance.outbox import Outbox
 from appliance.pipeline.service import ImagePipeline
 from appliance.pipeline.studies import StudyTracker
+from appliance.pipeline.workers import PixelWorkers
 from appliance.relay.actions import CloudActions, TestUnit, UnitSettings
 from appliance.relay.endpoint import Liveness, RelayEndpoint
 from appliance.relay.fetch import ImageFetch
@@ -93,11 +94,13 @@ class Appliance:
         self.studies = StudyTracker(
             self.store, self.worklist, config.studies, ae_title=config.dicom.storage.ae_title
         )
+        self.pixel_workers = PixelWorkers(config.pipeline)
         self.pipeline = ImagePipeline(
             self.store,
             self.worklist,
             self.stored_instances,
             config.pipeline,
+            self.pixel_workers,
             on_processed=self.studies.notify,
         )
         self._test_unit = test_unit
@@ -225,7 +228,7 @@ class Appliance:
         storage_scp = StorageSCP(self.store, door, self.floor)
         qr_scp = QueryRetrieveSCP(self.store.reader, dicom.destinations, dicom.storage.ae_title)
         commitment = StorageCommitmentSCP(
-            self.store, door, dicom.storage.ae_title, dicom.destinations
+            self.store, door, dicom.storage.ae_title, dicom.destinations, self.pixel_workers
         )
         self.storage_server = self._server(
             "storage-scp",
@@ -270,6 +273,7 @@ class Appliance:
             sweeper,
             WorklistHousekeeper(self.worklist, self.config.worklist),
             housekeeper,
+            self.pixel_workers,
             self.pipeline,
             self.studies,
         ]

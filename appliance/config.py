@@ -199,8 +199,15 @@ class PipelineConfig:
     thumbnail_quality: int = field(default=25, validator=_positive)
     preview_height: int = field(default=1024, validator=_positive)
     preview_quality: int = field(default=80, validator=_positive)
-    #: Thumbnail workers; 0 means one per CPU core.
+    #: Worker processes that decode and render; 0 means one fewer than the cores (at least 1).
     workers: int = field(default=0, validator=_non_negative)
+    #: Each worker's address space is capped at this; one whose peak resident size passed half
+    #: of it is replaced after its image. 0: no cap.
+    worker_memory_mb: int = field(default=2048, validator=_non_negative)
+    #: A worker is replaced after this many images.
+    worker_max_images: int = field(default=200, validator=_positive)
+    #: A decode + render taking longer is killed and retried (a hung codec, a stopped worker).
+    render_timeout_s: float = field(default=300.0, validator=_positive)
     #: Attempts before an instance is reported as image.failed.
     max_attempts: int = field(default=3, validator=_positive)
     retry_after_s: float = field(default=30.0, validator=_positive)

@@ -308,6 +308,13 @@ def render(status: dict[str, Any]) -> str:
         f"outbox: {outbox['undelivered']} undelivered"
         + (f", oldest {outbox['oldest_undelivered']}" if outbox["oldest_undelivered"] else "")
     )
+    workers = (status.get("pipeline") or {}).get("workers")
+    if workers:
+        lines.append(
+            f"pixel workers: {workers['busy']} of {workers['workers']} busy, "
+            f"{workers['waiting']} waiting, {workers['jobs']} images, {workers['lost']} lost "
+            f"(killed or died), peak {workers['peak_rss_mb']} MB each"
+        )
     failing = (status.get("pipeline") or {}).get("failing")
     if failing:
         lines.append(f"pipeline: FAILING to record outcomes (images wait): {failing}")

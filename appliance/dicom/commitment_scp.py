@@ -15,6 +15,7 @@ overtake the response or lose its answer. Units are configured with a commitment
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import cast
 
 import attrs
@@ -37,9 +38,10 @@ from appliance.dicom.statuses import (
     status,
 )
 from appliance.log import get_logger
+from appliance.pipeline.render import RenderError
+from appliance.pipeline.workers import PixelWorkers
 from appliance.storage.files import file_sha256
 from appliance.storage.store import InstanceStore
-from appliance.storage.structure import CannotCheck, Unsound, decode_all
 from appliance.supervisor import Criticality
 
 log = get_logger("commitment-scp")
@@ -76,7 +78,9 @@ class StorageCommitmentSCP:
         door: TrioDoor,
         ae_title: str,
         destinations: tuple[DestinationConfig, ...],
+        workers: PixelWorkers,
     ) -> None:
+        self._workers = workers
         self._store = store
         self._index = store.reader
         self._door = door
@@ -139,12 +143,12 @@ class StorageCommitmentSCP:
         return SUCCESS, None
 
     def verify(
-        self, sop_class: str, sop_instance: str, proved: list[tuple[str, str | None]]
+        self, sop_class: str, sop_instance: str, proofs: dict[str, str | None]
     ) -> int | None:
         """None when the instance is committed, else its Failure Reason. Committed means
         indexed as STORED with that class, the file's SHA-256 still the one recorded, and its
         pixel data proved whole (native: at receive; encapsulated: every frame decoded, by the
-        pipeline or, when it has not got there yet, here; the outcome goes into `proved`)."""
+        pipeline or, when it has not got there yet, just now: `proofs`)."""
         row = self._index.instance(sop_instance)
         if row is None or row["status"] != "STORED":
             return NO_SUCH_OBJECT_INSTANCE
@@ -160,19 +164,9 @@ class StorageCommitmentSCP:
             return PROCESSING_FAILURE
         pixels, error = row["pixels_state"], row["pixels_error"]
         if pixels is None:
-            try:
-                decode_all(path)
-            except Unsound as exc:
-                error = exc.reason
-            except CannotCheck as exc:  # not proved this time; nothing recorded
-                log.error(
-                    "commitment.instance_unchecked",
-                    phase="decode",
-                    sop_instance_uid=sop_instance,
-                    error=str(exc)[:300],
-                )
+            if sop_instance not in proofs:  # could not be checked this time (logged): ask again
                 return PROCESSING_FAILURE
-            proved.append((sop_instance, error))
+            error = proofs[sop_instance]
         if error is not None:
             log.error(
                 "commitment.instance_unsound",
@@ -184,18 +178,16 @@ class StorageCommitmentSCP:
         return None
 
     def result(
-        self, transaction: str, references: list[tuple[str, str]]
-    ) -> tuple[Dataset, list[tuple[str, str | None]]]:
-        """The report, and the pixel proofs made on the way (for the index)."""
+        self, transaction: str, references: list[tuple[str, str]], proofs: dict[str, str | None]
+    ) -> Dataset:
         report = Dataset()
         report.TransactionUID = transaction
         committed, failed = [], []
-        proved: list[tuple[str, str | None]] = []
         for sop_class, sop_instance in references:
             item = Dataset()
             item.ReferencedSOPClassUID = sop_class
             item.ReferencedSOPInstanceUID = sop_instance
-            reason = self.verify(sop_class, sop_instance, proved)
+            reason = self.verify(sop_class, sop_instance, proofs)
             if reason is None:
                 committed.append(item)
             else:
@@ -205,15 +197,42 @@ class StorageCommitmentSCP:
             report.ReferencedSOPSequence = committed
         if failed:
             report.FailedSOPSequence = failed
-        return report, proved
+        return report
+
+    def _unproved(self, references: list[tuple[str, str]]) -> list[tuple[str, Path]]:
+        """Stored instances whose pixel data nobody has proved whole yet."""
+        found = []
+        for _sop_class, sop_instance in references:
+            row = self._index.instance(sop_instance)
+            if row is not None and row["status"] == "STORED" and row["pixels_state"] is None:
+                found.append((sop_instance, self._index.path(row)))
+        return found
+
+    async def _prove(self, references: list[tuple[str, str]]) -> dict[str, str | None]:
+        """Proofs made now, in the pixel workers, for what the pipeline has not got to: why
+        each instance's pixel data is broken, or None. An instance that could not be checked
+        (memory, a lost worker) has no entry and is not committed this time."""
+        proofs: dict[str, str | None] = {}
+        for sop_instance, path in await trio.to_thread.run_sync(self._unproved, references):
+            try:
+                proofs[sop_instance] = await self._workers.prove(path)
+            except RenderError as exc:
+                log.error(
+                    "commitment.instance_unchecked",
+                    phase="decode",
+                    sop_instance_uid=sop_instance,
+                    error=str(exc)[:300],
+                )
+        return proofs
 
     async def _report(self, request: CommitmentRequest, limiter: trio.CapacityLimiter) -> None:
         try:
-            report, proved = await trio.to_thread.run_sync(
-                self.result, request.transaction, request.references
+            proofs = await self._prove(request.references)
+            if proofs:
+                await self._store.write(self._store.index.pixels_checked, list(proofs.items()))
+            report = await trio.to_thread.run_sync(
+                self.result, request.transaction, request.references, proofs
             )
-            if proved:
-                await self._store.write(self._store.index.pixels_checked, proved)
             event_type = 2 if "FailedSOPSequence" in report else 1
             # Recorded before the modality hears it: retention may rely on what it was told.
             await self._store.committed(

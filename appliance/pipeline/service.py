@@ -3,7 +3,8 @@
 Off the association's path: the storage SCP only drops a notice on a channel (or nothing, if
 the channel is full); this service also sweeps the index for instances whose processing is not
 recorded as done, so a restart, a full channel or a failed attempt delays work, never loses
-it. Rendering is CPU-bound and runs in worker threads, one per core. The outcome and its event
+it. Decoding and rendering run in worker processes (appliance/pipeline/workers.py), never in
+the DICOM process's interpreter. The outcome and its event
 (`image.received` or, after the last failed attempt, `image.failed`) commit in one transaction,
 so each instance is reported exactly once.
 """
@@ -13,10 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
-import os
-import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -24,11 +22,11 @@ import trio
 from appliance.config import PipelineConfig
 from appliance.log import get_logger
 from appliance.metrics import METRICS
-from appliance.pipeline.render import RenderError, Rendition, render
+from appliance.pipeline.render import RenderError, Rendition
+from appliance.pipeline.workers import PixelsBroken, PixelWorkers
 from appliance.storage.files import write_durably
 from appliance.storage.index import WHOLE, StoredInstance
 from appliance.storage.store import InstanceStore
-from appliance.storage.structure import CannotCheck, Unsound, decode_all
 from appliance.supervisor import Criticality
 from appliance.worklist.store import WorklistStore
 
@@ -42,39 +40,6 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-_background = threading.local()
-#: Render threads run at this nice level, below the DICOM association threads.
-RENDER_NICENESS = 10
-
-
-def _render_in_background(
-    source: Path, renditions: list[Rendition], prove_pixels: bool
-) -> list[bytes] | None:
-    """Thumbnail and preview; first, for pixel data not yet proved whole, every frame decoded
-    (storage commitment confirms an encapsulated image only after this)."""
-    if not getattr(_background, "niced", False):
-        # Linux applies priority per thread: lower this worker thread only.
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), RENDER_NICENESS)
-        _background.niced = True
-    if prove_pixels:
-        try:
-            decode_all(source)
-        except Unsound as exc:
-            raise PixelsBroken(exc.reason) from None
-        except CannotCheck as exc:  # memory, I/O: retried, nothing recorded about the data
-            raise RenderError("decode", str(exc)) from None
-    return render(source, renditions)
-
-
-class PixelsBroken(RenderError):
-    """A frame of the stored pixel data does not decode: the image can never be committed."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__("decode", reason)
-        self.reason = reason
-
-
 class ImagePipeline:
     name = "image-pipeline"
     criticality = Criticality.AUXILIARY
@@ -85,6 +50,7 @@ class ImagePipeline:
         worklist: WorklistStore,
         notices: trio.MemoryReceiveChannel[StoredInstance],
         config: PipelineConfig,
+        workers: PixelWorkers,
         on_processed: Callable[[], None] = lambda: None,
     ) -> None:
         self._on_processed = on_processed
@@ -92,9 +58,9 @@ class ImagePipeline:
         self._worklist = worklist
         self._notices = notices
         self._config = config
-        # Leave a core to the associations: acknowledging images comes before drawing them.
-        self._workers = config.workers or max((os.cpu_count() or 1) - 1, 1)
-        self._cpu = trio.CapacityLimiter(self._workers)
+        self._pixels = workers
+        # As many images in hand as there are workers, and as many again queued for them.
+        self._workers = workers.count
         self._in_flight: set[str] = set()
         self._renditions = [
             Rendition(config.thumbnail_height, config.thumbnail_quality),
@@ -109,6 +75,7 @@ class ImagePipeline:
             "in_flight": len(self._in_flight),
             "processed": self.processed,
             "failing": self.failing,
+            "workers": self._pixels.statistics(),
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -190,12 +157,10 @@ class ImagePipeline:
         source_message_id = linked.source_message_id if linked else None
         started = trio.current_time()
         try:
-            jpegs = await trio.to_thread.run_sync(
-                _render_in_background,
+            jpegs = await self._pixels.render(
                 source,
                 self._renditions,
                 item.pixels_state != WHOLE,  # not yet proved, or broken last time: again
-                limiter=self._cpu,
             )
         except Exception as exc:  # any failure is this image's, never the service's
             if isinstance(exc, PixelsBroken):
