@@ -83,9 +83,11 @@ def queries(draw, record: Dataset) -> Dataset:
     elif kind == "exact":
         query.PatientName = name.rstrip("^") + "^" * draw(st.integers(0, 2))
     elif kind == "wildcard":
-        query.PatientName = _wildcard_of(name.rstrip("^"), draw)
+        # A wildcard may follow a component delimiter ('BROWN^*'), or the delimiters may be all.
+        suffix = draw(st.sampled_from(["", "", "^*", "^^*", "^?*"]))
+        query.PatientName = _wildcard_of(name.rstrip("^"), draw) + suffix
     else:
-        query.PatientName = draw(names)
+        query.PatientName = draw(st.one_of(names, st.just("^^^^")))
     if draw(st.booleans()):
         query.PatientID = draw(st.one_of(st.just(str(record.PatientID)), codes, st.just("")))
     date_kind = draw(st.sampled_from(["none", "single", "range", "open-low", "open-high"]))
@@ -116,14 +118,22 @@ def queries(draw, record: Dataset) -> Dataset:
 
 def ref_text(pattern: str, value: str, person_name: bool = False) -> bool:
     """Single value or wildcard matching of one string (PS3.4 C.2.2.2.1, C.2.2.2.4)."""
+    spellings = [value]
     if person_name:
-        pattern = "=".join(g.rstrip("^") for g in pattern.split("=")).rstrip("=")
-        value = "=".join(g.rstrip("^") for g in value.split("=")).rstrip("=")
+        # PS3.5 6.2.1: trailing empty components are insignificant, so a name has several
+        # spellings ('BROWN', 'BROWN^', ... 'BROWN^^^^'); a pattern matches if it matches one.
+        pattern = pattern.rstrip("^")
+        if pattern == "":
+            return True
+        components = value.rstrip("^").split("^")
+        spellings = ["^".join(components + [""] * n) for n in range(6 - len(components))] or [
+            "^".join(components)
+        ]
     if pattern == "":
         return True
     regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
     flags = re.IGNORECASE if person_name else 0
-    return re.fullmatch(regex, value, flags) is not None
+    return any(re.fullmatch(regex, spelling, flags) for spelling in spellings)
 
 
 def ref_date(query: str, value: str) -> bool:
@@ -204,6 +214,10 @@ def test_the_reference_itself_knows_the_cases_the_review_found():
     """The reference is only a reference if it says what PS3.4 says."""
     assert ref_text("BROWN^ALICE", "BROWN^ALICE^^^", person_name=True)
     assert not ref_text("BROWN^ALIC", "BROWN^ALICE", person_name=True)
+    assert ref_text("BROWN^*", "BROWN^^^^", person_name=True)
+    assert ref_text("BROWN^*", "BROWN", person_name=True)
+    assert ref_text("BROWN^ALICE^*", "BROWN^ALICE^^^", person_name=True)
+    assert ref_text("^^^^", "ANYONE", person_name=True)
     assert ref_date("20261101-", "20261122")
     assert not ref_date("-20261101", "20261122")
     record = Dataset()

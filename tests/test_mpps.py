@@ -90,6 +90,10 @@ class Modality:
     def set(self, ds: Dataset, uid: str) -> Dataset:
         return self.assoc.send_n_set(ds, MPPS, uid)[0]
 
+    def set_with_reply(self, ds: Dataset, uid: str) -> tuple[Dataset, Dataset | None]:
+        status, attributes = self.assoc.send_n_set(ds, MPPS, uid)
+        return status, attributes
+
     def close(self) -> None:
         self.assoc.release()
 
@@ -193,6 +197,12 @@ def test_refusals_carry_the_ps34_statuses(appliance, modality):
     no_study = in_progress()
     no_study.ScheduledStepAttributesSequence[0].StudyInstanceUID = ""
     assert modality.create(no_study, generate_uid()).Status == 0x0121
+    absent_study = in_progress()
+    del absent_study.ScheduledStepAttributesSequence[0].StudyInstanceUID
+    assert modality.create(absent_study, generate_uid()).Status == 0x0120
+    empty_steps = in_progress()
+    empty_steps.ScheduledStepAttributesSequence = []
+    assert modality.create(empty_steps, generate_uid()).Status == 0x0121
 
     # COMPLETED says what was performed: at least one series (PS3.4 F.7.2.2.2).
     empty = generate_uid()
@@ -202,7 +212,7 @@ def test_refusals_carry_the_ps34_statuses(appliance, modality):
     assert modality.set(nothing, empty).Status == 0x0121
 
     assert appliance.worklist.get("ACC-M1").status == "COMPLETED"
-    assert appliance.log().count("event=mpps.refused") == 10
+    assert appliance.log().count("event=mpps.refused") == 12
 
 
 def test_first_image_moves_the_item_in_progress_and_mpps_is_still_recorded(
@@ -246,6 +256,10 @@ def test_an_n_set_without_character_set_is_read_in_the_n_create_s(appliance, mod
     text = "Mammographie für Zoë"
     # The unit's bytes: UTF-8, no Specific Character Set in the N-SET.
     update.add(DataElement(0x00400254, "LO", text.encode("utf-8")))
-    assert modality.set(update, uid).Status == 0
+    status, reply = modality.set_with_reply(update, uid)
+    assert status.Status == 0
     stored = appliance.worklist.mpps.get(uid)["attributes"]
     assert stored["00400254"]["Value"] == [text]
+    # The reply's attributes are the unit's own bytes, not re-encoded in the default repertoire.
+    assert reply is not None
+    assert reply.get_item(0x00400254).value.rstrip(b" ") == text.encode("utf-8")

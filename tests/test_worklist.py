@@ -465,3 +465,26 @@ def test_nested_sequence_templates_take_the_dataset_path():
     code.CodeValue = "MAMMO"
     nested = query(step={"ScheduledProtocolCodeSequence": [code]})
     assert not encoded.expressible(nested)
+
+
+def test_the_site_default_code_is_given_only_to_items_that_describe_no_procedure():
+    """Units choose the acquisition protocol from the code: a described procedure must not
+    be sent another procedure's code (K.6 needs one of description and code)."""
+    import zoneinfo
+
+    from appliance.config import StepDefaults
+    from appliance.dicom.worklist_scp import record
+
+    zone = zoneinfo.ZoneInfo("Europe/London")
+    at = datetime.datetime(2026, 12, 3, 10, tzinfo=datetime.UTC)
+    defaults = StepDefaults()
+    described = WorklistItem(
+        "ACC-D1", "9990000301", "DESC^ONE", at, study_description="Diagnostic mammography"
+    )
+    full = record(described, zone, defaults)
+    assert "RequestedProcedureCodeSequence" not in full
+    assert "ScheduledProtocolCodeSequence" not in full.ScheduledProcedureStepSequence[0]
+    assert full.RequestedProcedureDescription == "Diagnostic mammography"
+    silent = record(WorklistItem("ACC-D2", "9990000302", "DESC^TWO", at), zone, defaults)
+    assert silent.RequestedProcedureDescription == "Screening mammography"
+    assert silent.RequestedProcedureCodeSequence[0].CodeValue == "24623002"

@@ -187,13 +187,23 @@ def _person_name(text: str) -> str:
     return "=".join(groups).rstrip("=")
 
 
+def _padded_person_name(text: str) -> str:
+    """Each group of a PN value with all five components: what a wildcard after a component
+    delimiter ('BROWN^*') is matched against, so that 'BROWN' and 'BROWN^^^^' match it."""
+    groups = _person_name(text).split("=")
+    return "=".join("^".join((g.split("^") + [""] * 5)[:5]) for g in groups)
+
+
 def _match_value(element: DataElement, record_value: object) -> bool:
     vr = element.VR
     values = _values(element.value)
     have_values = _values(record_value)
     if vr == "PN":
         values = [_person_name(v) for v in values]
+        if not any(values):  # only delimiters ('^^^^'): a zero-length value, universal
+            return True
         have_values = [_person_name(h) for h in have_values]
+        have_values += [_padded_person_name(h) for h in have_values]
     if vr == "UI":  # list of UID matching
         return any(_text(v) in have_values for v in values)
     case_insensitive = vr == "PN"

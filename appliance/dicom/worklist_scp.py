@@ -80,6 +80,18 @@ def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
     return code
 
 
+def effective_procedure_code(item: WorklistItem, defaults: StepDefaults | None) -> tuple[str, ...]:
+    """The item's procedure code, or the site default only when the item says nothing about
+    its procedure (neither code nor description): units choose the acquisition protocol from
+    the code, so a described procedure never gets another one's code (K.6 needs only one of
+    description and code)."""
+    if item.procedure_code_value:
+        return (item.procedure_code_value, item.procedure_code_scheme, item.procedure_code_meaning)
+    if item.study_description or defaults is None:
+        return ()
+    return tuple(defaults.procedure_code)
+
+
 def record(
     item: WorklistItem,
     zone: zoneinfo.ZoneInfo,
@@ -94,15 +106,7 @@ def record(
     defaults = defaults or StepDefaults(description="", procedure_code=())
     local = item.scheduled_at.astimezone(zone)
     description = item.study_description or defaults.description
-    code_parts: tuple[str, ...]
-    if item.procedure_code_value:
-        code_parts = (
-            item.procedure_code_value,
-            item.procedure_code_scheme,
-            item.procedure_code_meaning,
-        )
-    else:
-        code_parts = tuple(defaults.procedure_code)
+    code_parts = effective_procedure_code(item, defaults)
     step = Dataset()
     step.Modality = item.modality
     step.ScheduledStationAETitle = (
@@ -405,4 +409,6 @@ class WorklistSCP:
             accession_number=outcome.accession_number,
             replay=outcome.replay,
         )
-        return result, modifications
+        # The unit's own attributes back, in its own bytes and character set (not re-encoded
+        # in the default repertoire).
+        return result, event.modification_list

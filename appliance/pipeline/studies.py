@@ -87,18 +87,49 @@ class StudyTracker:
         now = self._now()
         lookback = max(self._config.timeout_s * 2, 86400.0)
         since = (now - datetime.timedelta(seconds=lookback)).isoformat(timespec="milliseconds")
-        studies: dict[str, list[StoredInstance]] = {}
-        for instance in index.stored_since(since):
-            studies.setdefault(instance.study_instance_uid, []).append(instance)
-        for study in index.open_studies():  # older than the window (the appliance was off)
-            uid = study.study_instance_uid
-            if uid and uid not in studies:
-                studies[uid] = index.study_instances(uid)
+        # Every study with news in the window, whole (a late image joins all its study's
+        # instances, not only those of the window), and every study still open, however old
+        # (the appliance was off): none may stay open past the timeout.
+        uids = {instance.study_instance_uid for instance in index.stored_since(since)}
         open_count = 0
-        for uid, instances in studies.items():
+        for study in index.open_studies():
+            uid = study.study_instance_uid
+            if uid and uid not in uids and not index.study_instances(uid):
+                if self._close_empty(study, now) == "OPEN":
+                    open_count += 1
+            elif uid:
+                uids.add(uid)
+        for uid in uids:
+            instances = index.study_instances(uid)
             if instances and self._track(uid, instances, now) == "OPEN":
                 open_count += 1
         self.open_studies = open_count
+
+    def _close_empty(self, study: StudyState, now: datetime.datetime) -> str:
+        """An open study none of whose instances is stored any more (found missing or corrupt
+        by a scrub, deleted): closed by the timeout, saying so."""
+        if _age(study.last_instance_at, now) < self._config.timeout_s:
+            return "OPEN"
+        finished = attrs.evolve(
+            study,
+            state="COMPLETE",
+            rule="timeout",
+            completed_at=now.isoformat(timespec="milliseconds"),
+        )
+        payload: dict[str, Any] = {
+            "accession_number": study.accession_number,
+            "study_instance_uid": study.study_instance_uid,
+            "rule": "timeout",
+            "instances": [],
+            "reason": "no instance of the study is stored any more",
+            "first_instance_at": study.first_instance_at,
+            "last_instance_at": study.last_instance_at,
+        }
+        self._store.index.study_transition(finished, "study.complete", payload, None)
+        log.warning(
+            "study.complete", accession_number=study.accession_number, rule="timeout", instances=0
+        )
+        return "COMPLETE"
 
     def _track(self, uid: str, instances: list[StoredInstance], now: datetime.datetime) -> str:
         index = self._store.index
@@ -150,6 +181,10 @@ class StudyTracker:
         if unprocessed and not timed_out:
             return "OPEN"  # thumbnails still being made: the study is not safe and shown yet
         accession = study.accession_number
+        # One study may carry several accessions (the group case, or two requested
+        # procedures imaged together): every one is linked, and the MPPS of any of them counts.
+        linked = {i.accession_number for i in instances} | {accession}
+        accessions = sorted(a for a in linked if a)
         item = self._worklist.get(accession) if accession else None
         expected = set(
             self._config.views_by_procedure.get(
@@ -157,17 +192,23 @@ class StudyTracker:
             )
         )
         found = {f"{i.image_laterality or ''}{i.view_position or ''}" for i in instances}
-        mpps = self._worklist.mpps.latest(accession) if accession else None
+        mpps = next((m for m in map(self._worklist.mpps.latest, accessions) if m is not None), None)
         performed = performed_instances(mpps.attributes, self._ae_title) if mpps else None
-        listed_missing = sorted(set(performed.here) - processed.keys()) if performed else []
+        # What arrived here counts as here whatever Retrieve AE Title the unit wrote (some name
+        # themselves or the PACS); only what never arrived is elsewhere or missing.
+        received = {i.sop_instance_uid for i in instances}
+        listed_here = (
+            set(performed.here) | (set(performed.elsewhere) & received) if performed else set()
+        )
+        elsewhere = set(performed.elsewhere) - received if performed else set()
+        listed_missing = sorted(listed_here - processed.keys())
         rule, state, event_type = None, "COMPLETE", "study.complete"
         if mpps and mpps.status == "DISCONTINUED":
             rule, state, event_type = "mpps-discontinued", "DISCONTINUED", "study.discontinued"
         elif (
             mpps
             and mpps.status == "COMPLETED"
-            and performed
-            and performed.here
+            and listed_here
             and not (listed_missing or unprocessed)
         ):
             rule = "mpps"
@@ -179,6 +220,7 @@ class StudyTracker:
             return "OPEN"
         payload: dict[str, Any] = {
             "accession_number": accession,
+            "accession_numbers": accessions,
             "study_instance_uid": study.study_instance_uid,
             "rule": rule,
             "instances": sorted(processed),
@@ -187,7 +229,7 @@ class StudyTracker:
             "mpps_instance_uid": mpps.sop_instance_uid if mpps else None,
             # Listed by the MPPS for this gateway but never received / sent to other AEs.
             "instances_missing": listed_missing,
-            "instances_elsewhere": sorted(performed.elsewhere) if performed else [],
+            "instances_elsewhere": sorted(elsewhere),
             "instances_unprocessed": unprocessed,
             "first_instance_at": study.first_instance_at,
             "last_instance_at": last,

@@ -375,9 +375,11 @@ class Index:
 
     def study_of(self, study_instance_uid: str) -> StudyState | None:
         """The study row for a Study Instance UID (rows of earlier releases are keyed by
-        accession number; the first one made wins)."""
+        accession number, and one study may have several: an open one first, so that none is
+        left open for ever, then the first one made)."""
         row = self._db.execute(
-            "SELECT * FROM studies WHERE study_instance_uid = ? ORDER BY first_instance_at LIMIT 1",
+            "SELECT * FROM studies WHERE study_instance_uid = ?"
+            " ORDER BY state = 'OPEN' DESC, first_instance_at LIMIT 1",
             (study_instance_uid,),
         ).fetchone()
         return StudyState(**dict(row)) if row else None

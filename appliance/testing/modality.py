@@ -53,6 +53,8 @@ class ModalitySimulator:
 
     def query(self, accession: str) -> Dataset:
         query = Dataset()
+        # A unit that writes ISO_IR 192 says so in its query (else it is answered in ASCII).
+        query.SpecificCharacterSet = "ISO_IR 192"
         query.AccessionNumber = accession
         for keyword in (
             "PatientName",

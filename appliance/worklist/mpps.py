@@ -104,12 +104,18 @@ def _check_type_1(attributes: dict[str, Any]) -> None:
             raise MppsError(Refusal.MISSING_ATTRIBUTE, f"{name} missing")
         if _json_text(attributes, tag) is None:
             raise MppsError(Refusal.MISSING_VALUE, f"{name} empty")
-    steps = attributes.get(SCHEDULED_STEP_ATTRIBUTES, {}).get("Value") or []
-    if not steps:
+    if SCHEDULED_STEP_ATTRIBUTES not in attributes:
         raise MppsError(Refusal.MISSING_ATTRIBUTE, "Scheduled Step Attributes Sequence missing")
+    steps = attributes[SCHEDULED_STEP_ATTRIBUTES].get("Value") or []
+    if not steps:
+        raise MppsError(Refusal.MISSING_VALUE, "Scheduled Step Attributes Sequence empty")
     for step in steps:
+        if STUDY_INSTANCE_UID not in step:
+            raise MppsError(
+                Refusal.MISSING_ATTRIBUTE, "Study Instance UID missing in a scheduled step"
+            )
         if _json_text(step, STUDY_INSTANCE_UID) is None:
-            raise MppsError(Refusal.MISSING_VALUE, "Study Instance UID missing in a scheduled step")
+            raise MppsError(Refusal.MISSING_VALUE, "Study Instance UID empty in a scheduled step")
 
 
 @frozen
