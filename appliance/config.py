@@ -181,7 +181,8 @@ class WorklistConfig:
 class DicomConfig:
     host: str = field(default="0.0.0.0", validator=_ip_address)
     #: Largest PDU we accept; modalities send PDUs up to this size (pynetdicom's default is 16 KiB).
-    max_pdu_bytes: int = field(default=4 * 1024 * 1024, validator=_positive)
+    #: A peer may send PDUs this large; each association holds one in memory while it arrives.
+    max_pdu_bytes: int = field(default=1024 * 1024, validator=_positive)
     max_associations: int = field(default=32, validator=_positive)
     #: Seconds without traffic before an association is aborted.
     network_timeout_s: float = field(default=60.0, validator=_positive)
