@@ -147,6 +147,30 @@ def _local_time(_inst: object, attribute: attrs.Attribute[Any], value: str) -> N
 def _code(_inst: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
     if value and (len(value) != 3 or not all(value)):
         raise FieldError(attribute, "a code is [value, coding scheme, meaning], all three given")
+    for part, limit in zip(value, (16, 16, 64), strict=False):  # SH, SH, LO (PS3.5 6.2)
+        if len(part) > limit or "\\" in part:
+            raise FieldError(attribute, f'"{part}" is longer than {limit} characters or has "\\"')
+
+
+def _optional_ae_title(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value:
+        _ae_title(_inst, attribute, value)
+
+
+def _text_of(limit: int) -> Callable[[object, attrs.Attribute[Any], str], None]:
+    """A DICOM SH (16) or LO (64) value: one value, at most `limit` characters."""
+
+    def check(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+        if len(value) > limit or "\\" in value:
+            raise FieldError(attribute, f"at most {limit} characters and no backslash")
+
+    return check
+
+
+def _by_modality(value: dict[str, StepDefaults]) -> dict[str, StepDefaults]:
+    """Modality keys as DICOM writes them ('mg' is MG); MG keeps its built-in defaults unless
+    the site configures MG itself."""
+    return {"MG": StepDefaults()} | {key.upper(): item for key, item in value.items()}
 
 
 @frozen
@@ -155,10 +179,10 @@ class StepDefaults:
     strict units drop items whose Type 1 keys are empty (PS3.4 K.6)."""
 
     #: Scheduled Station AE Title; empty: the querying unit's own AE title.
-    station_ae_title: str = ""
-    station_name: str = ""
+    station_ae_title: str = field(default="", validator=_optional_ae_title)
+    station_name: str = field(default="", validator=_text_of(16))
     #: Scheduled Procedure Step Description and Requested Procedure Description.
-    description: str = "Screening mammography"
+    description: str = field(default="Screening mammography", validator=_text_of(64))
     #: Scheduled Protocol Code and Requested Procedure Code: [value, scheme, meaning].
     procedure_code: tuple[str, ...] = field(
         default=("24623002", "SCT", "Screening mammography"), validator=_code
@@ -168,7 +192,9 @@ class StepDefaults:
 @frozen
 class WorklistConfig:
     #: Per modality (e.g. "MG"): defaults for what an item did not say.
-    defaults: dict[str, StepDefaults] = field(factory=lambda: {"MG": StepDefaults()})
+    defaults: dict[str, StepDefaults] = field(
+        factory=lambda: {"MG": StepDefaults()}, converter=_by_modality
+    )
     #: The site's time zone: the cloud schedules in UTC, modalities show and query local time.
     timezone: str = field(default="Europe/London", validator=_time_zone)
     #: Daily housekeeping, local time: finished items of past days are archived.

@@ -132,3 +132,25 @@ def test_run_refuses_to_start_without_a_readable_relay_key(tmp_path, capsys):
     )
     assert cli.main(["run", "--config", str(path)]) == 2
     assert "relay.key_file: cannot read" in capsys.readouterr().err
+
+
+def test_worklist_defaults_are_values_a_worklist_answer_can_carry(tmp_path):
+    ae = {"station_ae_title": "A VERY LONG AE TITLE"}
+    [line] = problems(tmp_path, {"worklist": {"defaults": {"MG": ae}}})
+    assert "station_ae_title" in line
+    assert "is not an AE title" in line
+    [line] = problems(tmp_path, {"worklist": {"defaults": {"MG": {"station_name": "N\\S"}}}})
+    assert "station_name" in line
+    assert "no backslash" in line
+    code = {"procedure_code": ["24623002", "SCT", "x" * 65]}
+    [line] = problems(tmp_path, {"worklist": {"defaults": {"MG": code}}})
+    assert "procedure_code" in line
+
+
+def test_worklist_defaults_keys_are_modalities_and_mg_keeps_its_own(tmp_path):
+    loaded = config.load(
+        write_config(tmp_path, {"worklist": {"defaults": {"ct": {"description": "CT"}}}}),
+        environ={},
+    )
+    assert loaded.worklist.defaults["CT"].description == "CT"
+    assert loaded.worklist.defaults["MG"].description == "Screening mammography"

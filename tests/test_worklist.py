@@ -488,3 +488,27 @@ def test_the_site_default_code_is_given_only_to_items_that_describe_no_procedure
     silent = record(WorklistItem("ACC-D2", "9990000302", "DESC^TWO", at), zone, defaults)
     assert silent.RequestedProcedureDescription == "Screening mammography"
     assert silent.RequestedProcedureCodeSequence[0].CodeValue == "24623002"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("scheduled_station_ae", "NORTH MG1 TOO LONG NAME"),
+        ("scheduled_station_name", "A\\B"),
+        ("study_description", "x" * 65),
+        ("procedure_code_value", "1" * 17),
+    ],
+)
+def test_an_item_no_worklist_answer_could_carry_is_refused_naming_the_field(tmp_path, field, value):
+    import attrs
+
+    from appliance.worklist.store import InvalidItem
+
+    store = WorklistStore(StatePaths(tmp_path))
+    store.open()
+    at = datetime.datetime(2026, 12, 3, 10, tzinfo=datetime.UTC)
+    item = attrs.evolve(WorklistItem("ACC-V1", "9990000311", "VALUE^CHECK", at), **{field: value})
+    with pytest.raises(InvalidItem, match=field):
+        store.create(item)
+    assert store.items() == []
+    store.close()

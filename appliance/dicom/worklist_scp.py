@@ -273,8 +273,14 @@ class WorklistSCP:
             return configured
         asked = query.get("SpecificCharacterSet")
         if asked:
-            term = "\\".join(asked) if not isinstance(asked, str) else asked
-            if codecs_for(term):
+            values = [asked] if isinstance(asked, str) else list(asked)
+            # Several values are only ISO 2022 code extensions (PS3.3 C.12.1.1.2); anything
+            # else ('ISO_IR 100\\ISO_IR 192') is no character set: answered in the default.
+            extensions = all(v.startswith("ISO 2022") for v in values[1:]) and (
+                not values[0] or values[0].startswith("ISO 2022")
+            )
+            term = "\\".join(values)
+            if (len(values) == 1 or extensions) and codecs_for(term):
                 return term
         return self._config.character_set
 

@@ -216,8 +216,6 @@ class CloudActions:
         code = (new.procedure.code_value, new.procedure.code_scheme, new.procedure.code_meaning)
         if any(code) and not all(code):
             raise ActionError("procedure code needs code_value, code_scheme and code_meaning")
-        if len(new.procedure.station_ae_title) > 16:
-            raise ActionError("procedure.station_ae_title is longer than 16 characters")
         item = WorklistItem(
             accession_number=new.accession_number,
             patient_id=new.participant.nhs_number,

@@ -162,6 +162,34 @@ class InvalidTransition(WorklistError):
     code = "invalid_status"
 
 
+class InvalidItem(WorklistError):
+    """A value a worklist answer could not carry (PS3.5 6.2: AE 16, SH 16, LO 64, one value)."""
+
+    code = "invalid"
+
+
+#: Field -> (what it becomes in the answer, its VR's length limit).
+_LIMITS = {
+    "scheduled_station_ae": ("Scheduled Station AE Title", 16),
+    "scheduled_station_name": ("Scheduled Station Name", 16),
+    "study_description": ("Requested Procedure Description", 64),
+    "procedure_code_value": ("code value", 16),
+    "procedure_code_scheme": ("coding scheme", 16),
+    "procedure_code_meaning": ("code meaning", 64),
+}
+
+
+def check_values(item: WorklistItem) -> None:
+    """Raise InvalidItem naming the first value that a worklist answer could not carry."""
+    for name, (meaning, limit) in _LIMITS.items():
+        value = getattr(item, name)
+        if len(value) > limit or "\\" in value or any(ord(c) < 0x20 for c in value):
+            raise InvalidItem(
+                f"{name} ({meaning}): at most {limit} characters, one value, no control "
+                f"characters: {value[:80]!r}"
+            )
+
+
 class WorklistStore:
     def __init__(self, paths: StatePaths) -> None:
         from appliance.worklist import mpps  # the MPPS rules build on this module
@@ -219,7 +247,9 @@ class WorklistStore:
         return WorklistItem.from_row(row) if row else None
 
     def create(self, item: WorklistItem) -> tuple[str, WorklistItem]:
-        """Returns ("created" | "exists", the stored item). Raises AccessionConflict."""
+        """Returns ("created" | "exists", the stored item). Raises AccessionConflict, or
+        InvalidItem for a value no worklist answer could carry."""
+        check_values(item)
         if not item.study_instance_uid:
             item = attrs.evolve(item, study_instance_uid=generate_uid(UID_ROOT))
         stamp = _iso(now_utc())
