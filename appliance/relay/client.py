@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 
 import trio
@@ -44,8 +44,12 @@ class RelayClient:
         backoff: tuple[float, ...],
         clock: Callable[[], float] = time.time,
         connect: Callable[..., AbstractAsyncContextManager[WebSocketConnection]] = open_websocket,
+        tokens: Callable[[], Awaitable[tuple[str, float]]] | None = None,
     ) -> None:
         self.name = name
+        #: Where `sb-hc-token` values come from: an Entra bearer token source (appliance/
+        #: identity.py), or None for SAS tokens signed with the endpoint's key.
+        self._tokens = tokens
         #: How WebSockets are opened (TCP in production; in-memory streams in virtual-time tests).
         self._open = connect
         self.endpoint = endpoint
@@ -58,11 +62,15 @@ class RelayClient:
         #: Why the relay refuses this client's configuration (status shows it), or None.
         self.misconfigured: str | None = None
 
-    def _token(self) -> tuple[str, float]:
-        return self.endpoint.token(self._clock())
+    async def _token(self) -> tuple[str, float]:
+        """An `sb-hc-token` value and its expiry. Raises IdentityError (Entra)."""
+        if self._tokens is None:
+            return self.endpoint.token(self._clock())
+        return await self._tokens()
 
-    def _url(self, action: str, **extra: str) -> tuple[str, float]:
-        return self.endpoint.address(action, self._clock(), **extra)
+    async def _url(self, action: str, **extra: str) -> tuple[str, float]:
+        token, expiry = await self._token()
+        return self.endpoint.url_for(action, token, **extra), expiry
 
     def _failed(self, phase: str, error: object, *, quiet: bool = False) -> None:
         self.failures[phase] += 1
@@ -82,7 +90,8 @@ class RelayClient:
                 quiet=quiet,
             )
         elif exc.status_code in (401, 403):
-            self._failed("sas-token", f"HTTP {exc.status_code}: {body}", quiet=quiet)
+            phase = "sas-token" if self._tokens is None else "identity"
+            self._failed(phase, f"HTTP {exc.status_code}: {body}", quiet=quiet)
         else:
             self._failed("handshake", f"HTTP {exc.status_code}: {body}")
 

@@ -40,10 +40,14 @@ class RelayEndpoint:
         return make_token(self.resource, self.key_name, self.key, expiry), expiry
 
     def address(self, action: str, now: float | None = None, **extra: str) -> tuple[str, float]:
-        """The WebSocket URL for `action` (listen or connect), and its token's expiry."""
+        """The WebSocket URL for `action` (listen or connect) with a SAS token, and its expiry."""
         token, expiry = self.token(now)
+        return self.url_for(action, token, **extra), expiry
+
+    def url_for(self, action: str, token: str, **extra: str) -> str:
+        """The WebSocket URL for `action` carrying `token` (SAS, or `Bearer <jwt>`)."""
         query = urllib.parse.urlencode({"sb-hc-action": action, **extra, "sb-hc-token": token})
-        return f"{self.url.rstrip('/')}/$hc/{urllib.parse.quote(self.path)}?{query}", expiry
+        return f"{self.url.rstrip('/')}/$hc/{urllib.parse.quote(self.path)}?{query}"
 
 
 @frozen

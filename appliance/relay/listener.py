@@ -26,6 +26,7 @@ from trio_websocket import (
     WebSocketConnection,
 )
 
+from appliance.identity import IdentityError
 from appliance.log import get_logger
 from appliance.relay.client import BACKOFF, MAX_MESSAGE, MISCONFIGURED, RelayClient, closed_how
 from appliance.relay.endpoint import DEFAULT_LIVENESS, Liveness, RelayEndpoint
@@ -46,6 +47,7 @@ class RelayListener(RelayClient):
         backoff: tuple[float, ...] = BACKOFF,
         clock: Callable[[], float] = time.time,
         connect: Callable[..., Any] = open_websocket,
+        tokens: Callable[[], Awaitable[tuple[str, float]]] | None = None,
     ) -> None:
         super().__init__(
             name=name,
@@ -53,6 +55,7 @@ class RelayListener(RelayClient):
             backoff=backoff,
             clock=clock,
             connect=connect,
+            tokens=tokens,
         )
         self._handle = handle
         #: What happens on an accepted connection: by default one action, one reply.
@@ -83,7 +86,11 @@ class RelayListener(RelayClient):
     async def _listen(self, conversations: trio.Nursery) -> None:
         while True:
             try:
-                url, expiry = self._url("listen", **{"sb-hc-id": self.name})
+                url, expiry = await self._url("listen", **{"sb-hc-id": self.name})
+            except IdentityError as exc:  # Entra unreachable or refusing: shown, retried
+                self._failed("identity", exc.reason)
+                await self._back_off()
+                continue
             except Exception as exc:
                 self._failed("sas-token", exc)
                 raise
@@ -149,10 +156,13 @@ class RelayListener(RelayClient):
             # Renew when 80% of the lifetime has passed: ample time for one more try.
             await trio.sleep(max((expiry - self._clock()) * 0.8, 0.05))
             try:
-                token, expiry = self._token()
+                token, expiry = await self._token()
                 await control.send_message(json.dumps({"renewToken": {"token": token}}))
                 self.renewals += 1
                 log.info("relay.token_renewed", listener=self.name)
+            except IdentityError as exc:  # try again soon: the current token still holds
+                self._failed("identity", exc.reason)
+                expiry = self._clock() + max((expiry - self._clock()) * 0.5, 1.0)
             except ConnectionClosed:
                 return
 

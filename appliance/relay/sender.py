@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -23,6 +23,7 @@ from trio_websocket import (
     WebSocketConnection,
 )
 
+from appliance.identity import IdentityError
 from appliance.log import get_logger
 from appliance.metrics import METRICS
 from appliance.outbox import Outbox
@@ -48,6 +49,7 @@ class RelaySender(RelayClient):
         backoff: tuple[float, ...] = BACKOFF,
         clock: Callable[[], float] = time.time,
         connect: Callable[..., Any] = open_websocket,
+        tokens: Callable[[], Awaitable[tuple[str, float]]] | None = None,
     ) -> None:
         super().__init__(
             name="relay-sender",
@@ -55,6 +57,7 @@ class RelaySender(RelayClient):
             backoff=backoff,
             clock=clock,
             connect=connect,
+            tokens=tokens,
         )
         self._outbox = outbox
         self._appliance_id = appliance_id
@@ -93,7 +96,12 @@ class RelaySender(RelayClient):
                 with trio.move_on_after(PURGE_INTERVAL):
                     await self._outbox.wait_for_events()
                 continue
-            url, _expiry = self._url("connect")
+            try:
+                url, _expiry = await self._url("connect")
+            except IdentityError as exc:
+                self._failed("identity", exc.reason)
+                await self._back_off()
+                continue
             try:
                 async with self._open(
                     url, max_message_size=MAX_MESSAGE, disconnect_timeout=2

@@ -4,9 +4,12 @@ It speaks the public protocol: listeners open a control channel
 (`/$hc/{path}?sb-hc-action=listen`), senders connect (`sb-hc-action=connect`), the service
 sends the listener an `accept` with a rendezvous address, the listener dials it, and the two
 WebSockets are joined. Tokens are checked as the service checks them (signature, expiry,
-`sr` prefix), in `sb-hc-token` or the `ServiceBusAuthorization` header; `renewToken` on the
-control channel extends it; an expired token closes the channel with 1008. A sender with no
-listener gets HTTP 404, a bad token 401.
+`sr` prefix), in `sb-hc-token` or the `ServiceBusAuthorization` header; or, given a tenant to
+trust (`EntraTrust`), an Entra ID bearer token (`Bearer <jwt>`: RS256 by a key of the tenant,
+audience https://relay.azure.net, the tenant's issuer, not expired; optionally only some
+identities' `oid`), as production namespaces require. `renewToken` on the control channel
+extends either; an expired token closes the channel with 1008. A sender with no listener gets
+HTTP 404, a bad token 401.
 
 Faults for tests: `freeze()` stops all traffic without closing anything (a zombie connection:
 no pongs, no close, as in the NHS gateway's overnight failure), `drop()` cuts every connection,
@@ -37,6 +40,20 @@ from trio_websocket import (
 
 from appliance.log import get_logger
 from appliance.relay.sas import TokenError, resource_uri, verify
+
+#: The audience of Entra tokens for Azure Relay.
+RELAY_RESOURCE = "https://relay.azure.net"
+
+
+@attrs.frozen
+class EntraTrust:
+    """The tenant whose bearer tokens the namespace accepts (its JWKS and issuers)."""
+
+    jwks: dict[str, Any]
+    issuers: tuple[str, ...]
+    #: Identities holding a Relay role on the namespace; None: any identity of the tenant.
+    oids: frozenset[str] | None = None
+
 
 log = get_logger("relay-emulator")
 
@@ -72,9 +89,14 @@ class _Link:
 
 class RelayEmulator:
     def __init__(
-        self, keys: dict[str, bytes], namespace: str = "", clock: Callable[[], float] = time.time
+        self,
+        keys: dict[str, bytes],
+        namespace: str = "",
+        clock: Callable[[], float] = time.time,
+        entra: EntraTrust | None = None,
     ) -> None:
         self._keys = keys
+        self._entra = entra
         self._clock = clock
         self._namespace = namespace
         self._listeners: dict[str, list[_ControlChannel]] = defaultdict(list)
@@ -204,7 +226,7 @@ class RelayEmulator:
         headers = {k.decode().lower(): v.decode() for k, v in request.headers}
         token = query.get("sb-hc-token") or headers.get("servicebusauthorization", "")
         try:
-            parsed = verify(token, resource_uri(self._namespace, path), self._keys, self._clock())
+            expiry = self._verified(token, path)
         except TokenError as exc:
             self.refusals.append(("sas-token", str(exc)))
             await request.reject(401, body=str(exc).encode())
@@ -214,11 +236,37 @@ class RelayEmulator:
             await request.reject(404, body=b"hybrid connection not found")
             return
         if action == "listen":
-            await self._listen(request, path, query.get("sb-hc-id", ""), parsed.expiry)
+            await self._listen(request, path, query.get("sb-hc-id", ""), expiry)
         elif action == "connect":
             await self._connect(request, path, headers)
         else:
             await request.reject(400, body=b"unknown sb-hc-action")
+
+    def _verified(self, token: str, path: str) -> int:
+        """The token's expiry, or TokenError: a SAS token for the path, or a bearer token of
+        the trusted tenant."""
+        if not token.startswith("Bearer "):
+            return verify(
+                token, resource_uri(self._namespace, path), self._keys, self._clock()
+            ).expiry
+        if self._entra is None:
+            raise TokenError("bearer tokens are not accepted by this namespace")
+        import jwt
+
+        from appliance.testing.entra import verify as verify_bearer
+
+        try:
+            claims = verify_bearer(
+                token.removeprefix("Bearer "),
+                self._entra.jwks,
+                audience=RELAY_RESOURCE,
+                issuers=self._entra.issuers,
+            )
+        except jwt.InvalidTokenError as exc:
+            raise TokenError(f"bearer token refused: {exc}") from None
+        if self._entra.oids is not None and claims.get("oid") not in self._entra.oids:
+            raise TokenError(f"identity {claims.get('oid')} holds no Relay role here")
+        return int(claims["exp"])
 
     async def _listen(self, request: WebSocketRequest, path: str, id: str, expiry: int) -> None:
         ws = await request.accept()
@@ -241,9 +289,7 @@ class RelayEmulator:
                 if renewal is None:
                     continue
                 try:
-                    channel.expiry = verify(
-                        renewal, resource_uri(self._namespace, path), self._keys, self._clock()
-                    ).expiry
+                    channel.expiry = self._verified(renewal, path)
                 except TokenError as exc:
                     self.refusals.append(("renew", str(exc)))
                     await channel.ws.aclose(1008, str(exc))
