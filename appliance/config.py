@@ -228,12 +228,12 @@ class PipelineConfig:
     preview_quality: int = field(default=80, validator=_positive)
     #: Worker processes that decode and render; 0 means one fewer than the cores (at least 1).
     workers: int = field(default=0, validator=_non_negative)
-    #: Each worker's address space is capped at this; one whose peak resident size passed half
-    #: of it is replaced after its image. 0: no cap.
-    worker_memory_mb: int = field(default=2048, validator=_non_negative)
+    #: A worker whose peak resident size passed this is replaced after its image.
+    worker_memory_mb: int = field(default=1024, validator=_positive)
     #: A worker is replaced after this many images.
     worker_max_images: int = field(default=200, validator=_positive)
-    #: A decode + render taking longer is killed and retried (a hung codec, a stopped worker).
+    #: A decode + render taking longer (plus a second per 4 MB of file) is killed and retried
+    #: (a hung codec, a stopped worker).
     render_timeout_s: float = field(default=300.0, validator=_positive)
     #: Attempts before an instance is reported as image.failed.
     max_attempts: int = field(default=3, validator=_positive)

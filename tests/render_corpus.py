@@ -107,25 +107,31 @@ def vendor_image(
 
 def tomosynthesis(frames: int = 5) -> Dataset:
     """An enhanced multi-frame breast tomosynthesis object whose window is only in its
-    functional groups: a shared Frame VOI LUT, overridden for the central frame."""
+    functional groups: a Frame VOI LUT per frame (each frame its own; a macro is in the shared
+    or the per-frame groups, never both, C.7.6.16), and a misleading top-level window."""
     ds = _base(BTO)
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.PresentationLUTShape = "IDENTITY"
     ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 10, 9, 0
     ds.NumberOfFrames = frames
     slices = [np.rint(40 + tissue() * (700 + 40 * i)).astype(np.uint16) for i in range(frames)]
-    shared, transform, voi = Dataset(), Dataset(), Dataset()
+    shared, transform = Dataset(), Dataset()
     transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = 1, 0, "US"
-    voi.WindowCenter, voi.WindowWidth = 900, 200  # a window no frame should be shown with
     shared.PixelValueTransformationSequence = [transform]
-    shared.FrameVOILUTSequence = [voi]
     ds.SharedFunctionalGroupsSequence = [shared]
+    ds.WindowCenter, ds.WindowWidth = 900, 200  # a window no frame should be shown with
     per_frame = []
     for index in range(frames):
         group, frame_voi = Dataset(), Dataset()
-        if index == frames // 2:
-            frame_voi.WindowCenter, frame_voi.WindowWidth = 350, 400
-            group.FrameVOILUTSequence = [frame_voi]
+        frame_voi.WindowCenter, frame_voi.WindowWidth = (
+            (350, 400)
+            if index == frames // 2
+            else (
+                900,
+                200,
+            )
+        )
+        group.FrameVOILUTSequence = [frame_voi]
         per_frame.append(group)
     ds.PerFrameFunctionalGroupsSequence = per_frame
     ds.PixelData = np.stack(slices).tobytes()
@@ -142,17 +148,25 @@ def dcmtk_encode(tool: list[str], source: Path, target: Path) -> Path:
     return target
 
 
-def opj_encode(ds: Dataset, target: Path, precision: int) -> Path:
-    """JPEG 2000 lossless by OpenJPEG's own encoder, the codestream's precision chosen
-    independently of Bits Stored (as some field encoders do)."""
+def opj_encode(
+    ds: Dataset,
+    target: Path,
+    precision: int,
+    *,
+    signed: bool | None = None,
+    levels: int | None = None,
+) -> Path:
+    """JPEG 2000 lossless by OpenJPEG's own encoder, the codestream's precision (and sign, and
+    decomposition levels) chosen independently of the header (as some field encoders do)."""
     pixels = ds.pixel_array
-    signed = int(ds.PixelRepresentation) == 1
+    signed = int(ds.PixelRepresentation) == 1 if signed is None else signed
     raw = target.with_suffix(".rawl")
     raw.write_bytes(np.ascontiguousarray(pixels.astype("<i2" if signed else "<u2")).tobytes())
     codestream = target.with_suffix(".j2k")
     shape = f"{ds.Columns},{ds.Rows},1,{precision},{'s' if signed else 'u'}"
+    resolutions = ["-n", str(levels + 1)] if levels is not None else []
     subprocess.run(
-        ["opj_compress", "-i", str(raw), "-o", str(codestream), "-F", shape],
+        ["opj_compress", "-i", str(raw), "-o", str(codestream), "-F", shape, *resolutions],
         check=True,
         capture_output=True,
     )
@@ -244,7 +258,7 @@ def c11_rendering(stored: np.ndarray, ds: Dataset, frame: Dataset | None = None)
 class Case:
     name: str
     build: Callable[[], Dataset]
-    #: ("dcmtk", [tool...]) | ("opj", precision) | ("none", None)
+    #: ("dcmtk", [tool...]) | ("opj", precision or (precision, signed, levels)) | ("none", None)
     encoder: tuple[str, object]
     #: "dcmtk" (dcm2pnm renders the file) or "c11" (the reference above, on OpenJPEG's pixels)
     reference: str
@@ -305,6 +319,10 @@ CASES = [
     Case("j2k-bits-stored-12-precision-16", vendor_image, ("opj", 16), "c11"),
     Case("j2k-bits-stored-16-precision-14", lambda: vendor_image(bits=14), ("opj", 14), "c11"),
     Case("j2k-signed-16-bit", lambda: vendor_image(bits=16, signed=True), ("opj", 16), "c11"),
+    # A signed codestream under an unsigned header (the sign bit of SIZ set, values positive).
+    Case("j2k-signed-codestream-unsigned-header", vendor_image, ("opj", (16, True, 0)), "c11"),
+    # No decomposition level: the reduced decode may skip no halving, not the one it wants.
+    Case("j2k-no-decomposition-level", vendor_image, ("opj", (12, False, 0)), "c11"),
     Case(
         "j2k-mono1-inverse",
         lambda: vendor_image(photometric="MONOCHROME1", shape="INVERSE"),
@@ -325,8 +343,9 @@ def make(case: Case, workdir: Path) -> tuple[Path, Dataset]:
     if kind == "dcmtk":
         assert isinstance(argument, list)
         return dcmtk_encode(argument, plain, target), ds
-    assert isinstance(argument, int)
-    encoded = opj_encode(ds, target, argument)
+    precision, signed, levels = argument if isinstance(argument, tuple) else (argument, None, None)
+    assert isinstance(precision, int)
+    encoded = opj_encode(ds, target, precision, signed=signed, levels=levels)
     if case.name == "j2k-bits-stored-16-precision-14":
         # The field's mismatch: 14-bit samples in a codestream of precision 14, while the
         # header claims 16 bits stored.

@@ -8,6 +8,7 @@ import os
 import signal
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -50,12 +51,24 @@ def workers_of(app: ApplianceProcess) -> list[int]:
     return found
 
 
-def wait_for_worker(app: ApplianceProcess, timeout: float = 30) -> int:
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def busy_worker(app: ApplianceProcess, idle: dict[int, int], timeout: float = 30) -> int:
+    """The worker that started working after `idle` (pid -> CPU ticks) was taken: its job has
+    really been handed over, so killing it now kills a render, not a spare."""
     deadline = time.monotonic() + timeout
-    while not (pids := workers_of(app)):
-        assert time.monotonic() < deadline, "no worker process started"
-        time.sleep(0.02)
-    return pids[0]
+    while True:
+        for pid in workers_of(app):
+            try:
+                if cpu_ticks(pid) >= idle.get(pid, 0) + 5:  # 50 ms of CPU since
+                    return pid
+            except OSError:
+                continue
+        assert time.monotonic() < deadline, "no worker started rendering"
+        time.sleep(0.01)
 
 
 def test_echo_is_answered_promptly_while_a_jpeg_ls_mammogram_renders(tmp_path: Path) -> None:
@@ -113,12 +126,17 @@ def test_a_worker_killed_or_hung_mid_render_is_retried_and_the_appliance_stays_u
     override = {
         "pipeline": {"workers": 1, "retry_after_s": 0.5, "max_attempts": 3, "render_timeout_s": 3}
     }
+    small = tmp_path / "small.dcm"
+    synthetic.mammogram(shape=(256, 208)).save_as(small, enforce_file_format=True)
     state = tmp_path / "state"
     with ApplianceProcess(write_config(tmp_path, override)) as app:
+        assert send_files(app.ports["storage"], [small])[0].Status == 0
+        wait_for_events(state, 1)  # the worker is up, and idle
+        idle = {pid: cpu_ticks(pid) for pid in workers_of(app)}
         assert send_files(app.ports["storage"], [image])[0].Status == 0
-        worker = wait_for_worker(app)
+        worker = busy_worker(app, idle)
         os.kill(worker, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
-        [event] = wait_for_events(state, 1, timeout=60)
+        _small, event = wait_for_events(state, 2, timeout=60)
         ae = AE("ECHOER")
         ae.add_requested_context(VERIFICATION)
         assoc = ae.associate("127.0.0.1", app.ports["storage"], ae_title="SCREENING_PACS")
@@ -132,10 +150,47 @@ def test_a_worker_killed_or_hung_mid_render_is_retried_and_the_appliance_stays_u
             stat = Path(f"/proc/{worker}/stat")
             assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in "ZX"
     assert event["event_type"] == "image.received", json.loads(event["payload"])
-    [row] = index_rows(state)
-    assert row["pipeline_state"] == "DONE"
+    assert {row["pipeline_state"] for row in index_rows(state)} == {"DONE"}
     failures = [line for line in log.splitlines() if "event=image.failed" in line]
     assert len(failures) == 1, failures
     assert "phase=worker" in failures[0]
     assert ("died" if fault == "killed" else "pipeline.render_timeout_s") in failures[0]
     assert "event=service.crashed" not in log
+
+
+def test_a_pool_that_cannot_start_is_degraded_and_no_image_is_blamed(tmp_path: Path) -> None:
+    """Worker processes that die as they start (a broken install, a sandbox that forbids
+    them): the pixel-workers service shows degraded with the reason, images wait without
+    losing attempts, and DICOM goes on."""
+    breaker = tmp_path / "site"
+    breaker.mkdir()
+    (breaker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "if 'spawn_main' in ' '.join(sys.orig_argv):\n"
+        "    raise SystemExit(3)  # every worker process dies as it starts\n"
+    )
+    image = tmp_path / "small.dcm"
+    synthetic.mammogram(shape=(256, 208)).save_as(image, enforce_file_format=True)
+    config = write_config(tmp_path)
+    env = {"PYTHONPATH": f"{breaker}:{os.environ.get('PYTHONPATH', '')}"}
+    with ApplianceProcess(config, env=env) as app:
+        assert send_files(app.ports["storage"], [image])[0].Status == 0
+        deadline = time.monotonic() + 30
+        while "event=service.degraded" not in app.log():
+            assert time.monotonic() < deadline, app.log()[-2000:]
+            time.sleep(0.1)
+        time.sleep(2)
+        status = subprocess.run(
+            [sys.executable, "-m", "appliance", "status", "--config", str(config), "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        log = app.log()
+    services = json.loads(status.stdout)["services"]
+    assert services["pixel-workers"]["degraded"]
+    assert "cannot start" in services["pixel-workers"]["last_error"]
+    [row] = index_rows(tmp_path / "state")
+    assert row["pipeline_state"] == "PENDING"
+    assert row["pipeline_attempts"] == 0
+    assert "event=image.failed" not in log

@@ -111,21 +111,42 @@ def test_tomosynthesis_uses_the_frame_voi_lut_of_its_functional_groups(
     _compare("dbt-per-frame-voi", jpegs, expected, sheet)
 
 
-def test_tomosynthesis_shared_frame_voi_lut_applies_without_a_per_frame_one(
+def test_tomosynthesis_shared_frame_voi_lut_applies_to_every_frame(
     tmp_path: Path, sheet: ContactSheet
 ) -> None:
     ds = render_corpus.tomosynthesis(frames=5)
     for group in ds.PerFrameFunctionalGroupsSequence:
-        group.pop("FrameVOILUTSequence", None)
-    shared = ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
-    shared.WindowCenter, shared.WindowWidth = 300, 350
+        del group.FrameVOILUTSequence
+    shared = pydicom.Dataset()
+    shared.WindowCenter, shared.WindowWidth, shared.VOILUTFunction = 300, 350, "SIGMOID"
+    ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence = [shared]
     path = render_corpus.save(ds, tmp_path / "dbt-shared.dcm")
-    frame = pydicom.Dataset()
-    frame.WindowCenter, frame.WindowWidth = 300, 350
-    expected = render_corpus.c11_rendering(ds.pixel_array[2].astype(np.float64), ds, frame)
+    expected = render_corpus.c11_rendering(ds.pixel_array[2].astype(np.float64), ds, shared)
     jpegs = render(path, RENDITIONS)
     assert jpegs is not None
-    _compare("dbt-shared-voi", jpegs, expected, sheet)
+    _compare("dbt-shared-sigmoid-voi", jpegs, expected, sheet)
+
+
+def test_tomosynthesis_frame_voi_lut_given_as_a_table(tmp_path: Path, sheet: ContactSheet) -> None:
+    """The tomosynthesis IOD's Frame VOI LUT With LUT macro: a table instead of a window."""
+    ds = render_corpus.tomosynthesis(frames=5)
+    entries = 1024
+    lut = pydicom.Dataset()
+    lut.LUTDescriptor = [entries, 0, 12]
+    ramp = np.clip(np.linspace(-0.3, 1.6, entries), 0.0, 1.0) ** 0.6
+    lut.add_new(0x00283006, "US", [int(v) for v in np.rint(ramp * 4095)])
+    for group in ds.PerFrameFunctionalGroupsSequence:
+        item = pydicom.Dataset()
+        item.VOILUTSequence = [lut]
+        group.FrameVOILUTSequence = [item]
+    path = render_corpus.save(ds, tmp_path / "dbt-table.dcm")
+    reference = pydicom.Dataset()
+    reference.PhotometricInterpretation = "MONOCHROME2"
+    reference.VOILUTSequence = [lut]
+    expected = render_corpus.c11_rendering(ds.pixel_array[2].astype(np.float64), reference)
+    jpegs = render(path, RENDITIONS)
+    assert jpegs is not None
+    _compare("dbt-voi-table", jpegs, expected, sheet)
 
 
 @pytest.mark.parametrize(
@@ -145,11 +166,17 @@ def test_a_uniform_rendering_of_varying_pixels_is_a_render_failure(
     with pytest.raises(RenderError) as failure:
         render(path, RENDITIONS)
     assert failure.value.phase == "render"
+    assert failure.value.final  # trying again cannot change it: no retries
     assert colour in str(failure.value)
 
 
-def test_a_truly_uniform_image_is_not_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("marked", [0.0, 0.003])
+def test_a_flat_image_is_not_refused_even_with_a_few_marks(tmp_path: Path, marked: float) -> None:
+    """A flat field (a test exposure) or one with a small specimen or a text overlay is an
+    image: its histogram has no spread between the 1st and 99th percentiles."""
     ds = render_corpus.vendor_image()
-    ds.PixelData = np.full((ds.Rows, ds.Columns), 100, dtype=np.uint16).tobytes()
+    pixels = np.full((ds.Rows, ds.Columns), 80, dtype=np.uint16)
+    pixels.ravel()[: int(pixels.size * marked)] = 3000
+    ds.PixelData = pixels.tobytes()
     path = render_corpus.save(ds, tmp_path / "flat.dcm")
     assert render(path, RENDITIONS) is not None

@@ -38,7 +38,6 @@ from appliance.dicom.statuses import (
     status,
 )
 from appliance.log import get_logger
-from appliance.pipeline.render import RenderError
 from appliance.pipeline.workers import PixelWorkers
 from appliance.storage.files import file_sha256
 from appliance.storage.store import InstanceStore
@@ -216,7 +215,7 @@ class StorageCommitmentSCP:
         for sop_instance, path in await trio.to_thread.run_sync(self._unproved, references):
             try:
                 proofs[sop_instance] = await self._workers.prove(path)
-            except RenderError as exc:
+            except Exception as exc:  # the pool's or the machine's trouble: not committed now
                 log.error(
                     "commitment.instance_unchecked",
                     phase="decode",

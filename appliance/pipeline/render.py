@@ -40,45 +40,69 @@ class Rendition:
 
 
 class RenderError(Exception):
-    """The image cannot be rendered; ``phase`` names where (decode, display, render, write)."""
+    """The image cannot be rendered; ``phase`` names where (decode, display, render, write,
+    worker). ``final``: trying again cannot change the outcome (no retries)."""
 
-    def __init__(self, phase: str, reason: str) -> None:
+    def __init__(self, phase: str, reason: str, final: bool = False) -> None:
         super().__init__(f"{phase}: {reason}")
         self.phase = phase
         self.reason = reason
+        self.final = final
 
-    def __reduce__(self) -> tuple[type[RenderError], tuple[str, str]]:
-        return type(self), (self.phase, self.reason)
+    def __reduce__(self) -> tuple[type[RenderError], tuple[str, str, bool]]:
+        return type(self), (self.phase, self.reason, self.final)
 
 
-def jpeg2000_precision(codestream: bytes) -> int | None:
-    """The first component's sample precision in bits from the codestream's SIZ marker
-    (ISO/IEC 15444-1 A.5.1), or None when there is no SIZ segment where it must be."""
+@frozen
+class Codestream:
+    """What a JPEG 2000 codestream's main header says (ISO/IEC 15444-1 A.5.1 SIZ, A.6.1 COD)."""
+
+    precision: int  # bits of the first component's samples
+    signed: bool
+    components: int
+    levels: int  # wavelet decomposition levels: how many halvings a decoder may skip
+
+
+def jpeg2000_header(codestream: bytes) -> Codestream | None:
+    """The main header's facts, or None when SIZ or COD is not where it must be."""
     start = codestream.find(b"\xff\x4f\xff\x51")  # SOC then SIZ (a JP2 wrapper may precede it)
     if start < 0 or len(codestream) < start + 2 + 41:
         return None
-    ssiz = codestream[start + 2 + 40]  # after SIZ's marker, Lsiz, Rsiz, 8 sizes and Csiz
-    return (ssiz & 0x7F) + 1
+    siz = start + 2
+    components = int.from_bytes(codestream[siz + 38 : siz + 40], "big")
+    ssiz = codestream[siz + 40]  # after SIZ's marker, Lsiz, Rsiz, 8 sizes and Csiz
+    cod = codestream.find(
+        b"\xff\x52", siz + 2 + int.from_bytes(codestream[siz + 2 : siz + 4], "big")
+    )
+    if cod < 0 or len(codestream) < cod + 10:
+        return None
+    levels = codestream[cod + 9]  # after COD's marker, Lcod, Scod and SGcod (4 bytes)
+    return Codestream((ssiz & 0x7F) + 1, bool(ssiz & 0x80), components, levels)
 
 
 def _jpeg2000_reduced(path: Path, header: pydicom.Dataset, height: int) -> np.ndarray | None:
-    """Decode only the resolution levels needed; None where this path does not apply."""
+    """Decode only the resolution levels needed; None where this path does not apply (signed
+    or multi-component data, multi-frame objects, precision over 16, a header it cannot read,
+    a codestream Pillow cannot decode at that resolution): the full decode is used instead."""
     if header.get("PixelRepresentation", 0) != 0 or int(header.get("NumberOfFrames") or 1) != 1:
         return None
-    rows = int(header.Rows)
-    reduce = max(int(math.log2(rows / height)), 0) if rows > height else 0
     codestream = next(generate_frames(pydicom.dcmread(path).PixelData, number_of_frames=1))
-    precision = jpeg2000_precision(codestream)
-    if precision is None or precision > 16:
+    facts = jpeg2000_header(codestream)
+    if facts is None or facts.signed or facts.components != 1 or facts.precision > 16:
         return None
+    rows = int(header.Rows)
+    wanted = max(int(math.log2(rows / height)), 0) if rows > height else 0
     image = Image.open(io.BytesIO(codestream))
-    image.reduce = reduce  # type: ignore[method-assign,assignment]  # Pillow: levels to skip
-    image.load()
+    image.reduce = min(wanted, facts.levels)  # type: ignore[method-assign,assignment]
+    try:
+        image.load()
+    except OSError:  # Pillow's OpenJPEG path refused it: pydicom's decoder may not
+        return None
     pixels = np.asarray(image)
-    if image.mode == "I;16" and precision < 16:
+    if image.mode == "I;16" and facts.precision < 16:
         # Pillow scales OpenJPEG's samples to 16 bits by the codestream's own precision, which
         # need not be Bits Stored (both mismatches exist in the field): undo exactly that.
-        pixels = pixels >> (16 - precision)
+        pixels = pixels >> (16 - facts.precision)
     return pixels
 
 
@@ -141,38 +165,43 @@ def _voi_lut(values: np.ndarray, lut: pydicom.Dataset) -> np.ndarray:
     return looked_up
 
 
-#: What a frame's functional groups (PS3.3 C.7.6.16) may say about display, by macro.
-FRAME_DISPLAY_MACROS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
-DISPLAY_KEYWORDS = ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
+#: What a frame's functional groups (PS3.3 C.7.6.16) say about display, macro -> attributes.
+FRAME_DISPLAY_MACROS = {
+    "PixelValueTransformationSequence": (
+        "RescaleSlope",
+        "RescaleIntercept",
+        "RescaleType",
+        "ModalityLUTSequence",
+    ),
+    # Frame VOI LUT, or Frame VOI LUT With LUT (the tomosynthesis IOD's): a window or a table.
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence"),
+}
 
 
 def frame_header(header: pydicom.Dataset, index: int) -> pydicom.Dataset:
-    """The header as frame `index` of an enhanced multi-frame object is displayed: its Pixel
-    Value Transformation and Frame VOI LUT macros (per-frame over shared) replace the
-    top-level rescale and window. Other objects are returned as they are."""
-    groups = [
-        group[0]
-        for group in (
-            header.get("SharedFunctionalGroupsSequence"),
-            (header.get("PerFrameFunctionalGroupsSequence") or [])[index : index + 1] or None,
-        )
-        if group
-    ]
-    found: dict[str, Any] = {}
-    for group in groups:  # per-frame last: it overrides shared
-        for macro in FRAME_DISPLAY_MACROS:
-            for item in group.get(macro) or []:
-                for keyword in (*DISPLAY_KEYWORDS, "VOILUTFunction"):
-                    if item.get(keyword) not in (None, ""):
-                        found[keyword] = item.get(keyword)
+    """The header as frame `index` of an enhanced multi-frame object is displayed: each display
+    macro's item, from the frame's own group or else the shared one (a macro is in one of
+    them), replaces everything at the top level it speaks of. Other objects are returned as
+    they are."""
+    shared = (header.get("SharedFunctionalGroupsSequence") or [None])[0]
+    frames = header.get("PerFrameFunctionalGroupsSequence") or []
+    frame = frames[index] if index < len(frames) else None
+    found = {}
+    for macro in FRAME_DISPLAY_MACROS:
+        for group in (frame, shared):
+            if group is not None and group.get(macro):
+                found[macro] = group.get(macro)[0]
+                break
     if not found:
         return header
     effective = pydicom.Dataset()
     effective.update(header)  # shallow: the elements are shared, not copied
-    for keyword, value in found.items():
-        setattr(effective, keyword, value)
-    if "WindowCenter" in found:  # a frame's window wins over a top-level VOI LUT table
-        effective.pop("VOILUTSequence", None)
+    for macro, item in found.items():
+        for keyword in FRAME_DISPLAY_MACROS[macro]:
+            if keyword in effective:
+                del effective[keyword]
+            if keyword in item:
+                effective[keyword] = item[keyword]
     return effective
 
 
@@ -211,20 +240,24 @@ NEAR_EXTREME = 12
 
 
 def check_not_uniform(stored: np.ndarray, levels: np.ndarray) -> None:
-    """Refuse a rendering that is (nearly) all black or all white while the stored values vary:
-    the sign of a decoder or a display rule gone wrong (a mis-scaled codestream, a window far
-    outside the data), not of an image."""
-    if levels.size == 0 or float(np.ptp(stored)) == 0.0:
+    """Refuse a rendering that is (nearly) all black or all white while the stored values'
+    histogram says there is an image (their 1st and 99th percentiles differ): the sign of a
+    decoder or a display rule gone wrong (a mis-scaled codestream, a window far outside the
+    data). A flat field with a few marks (a specimen, a text overlay) is not refused."""
+    if levels.size == 0:
+        return
+    low, high = (float(v) for v in np.percentile(stored, (1, 99)))
+    if high <= low:
         return
     dark = float(np.count_nonzero(levels <= NEAR_EXTREME)) / levels.size
     light = float(np.count_nonzero(levels >= 255 - NEAR_EXTREME)) / levels.size
     for share, colour in ((dark, "black"), (light, "white")):
         if share >= UNIFORM_SHARE:
-            low, high = (float(v) for v in np.percentile(stored, (1, 99)))
             raise RenderError(
                 "render",
                 f"rendering is {share:.1%} {colour} although the stored values vary "
-                f"({low:g}..{high:g}): not shown as an image",
+                f"({low:g}..{high:g} between the 1st and 99th percentiles): not shown as an image",
+                final=True,
             )
 
 

@@ -23,7 +23,7 @@ from appliance.config import PipelineConfig
 from appliance.log import get_logger
 from appliance.metrics import METRICS
 from appliance.pipeline.render import RenderError, Rendition
-from appliance.pipeline.workers import PixelsBroken, PixelWorkers
+from appliance.pipeline.workers import PixelsBroken, PixelWorkers, WorkersUnavailable
 from appliance.storage.files import write_durably
 from appliance.storage.index import WHOLE, StoredInstance
 from appliance.storage.store import InstanceStore
@@ -157,28 +157,35 @@ class ImagePipeline:
         source_message_id = linked.source_message_id if linked else None
         started = trio.current_time()
         try:
-            jpegs = await self._pixels.render(
+            outcome = await self._pixels.render(
                 source,
                 self._renditions,
                 item.pixels_state != WHOLE,  # not yet proved, or broken last time: again
             )
-        except Exception as exc:  # any failure is this image's, never the service's
-            if isinstance(exc, PixelsBroken):
-                await self._store.write(
-                    self._store.index.pixels_checked, [(item.sop_instance_uid, exc.reason)]
-                )
-                log.error(
-                    "instance.pixels_broken",
-                    phase="decode",
-                    sop_instance_uid=item.sop_instance_uid,
-                    error=exc.reason[:300],
-                )
+        except WorkersUnavailable as exc:  # the pool's trouble (shown as pixel-workers degraded):
+            log.debug("pipeline.waiting", phase="worker", error=exc.reason[:300])  # no attempt
+            return
+        except RenderError as exc:  # a lost worker: this attempt's failure
             await self._failed(item, exc, source_message_id)
             return
-        if item.pixels_state != WHOLE:
+        if outcome.proof is not None:  # recorded whatever the rendering did
             await self._store.write(
-                self._store.index.pixels_checked, [(item.sop_instance_uid, None)]
+                self._store.index.pixels_checked,
+                [(item.sop_instance_uid, outcome.proof or None)],
             )
+        if outcome.proof:
+            log.error(
+                "instance.pixels_broken",
+                phase="decode",
+                sop_instance_uid=item.sop_instance_uid,
+                error=outcome.proof[:300],
+            )
+            await self._failed(item, PixelsBroken(outcome.proof), source_message_id)
+            return
+        if outcome.error is not None:
+            await self._failed(item, outcome.error, source_message_id)
+            return
+        jpegs = outcome.jpegs
         payload = self._payload(item) | {"test": bool(linked and linked.is_test)}
         thumbnail_path = preview_path = None
         if jpegs is not None:
@@ -232,7 +239,8 @@ class ImagePipeline:
             attempt=attempts,
             error=str(exc)[:200],
         )
-        if attempts < self._config.max_attempts:
+        final = isinstance(exc, RenderError) and exc.final  # trying again changes nothing
+        if attempts < self._config.max_attempts and not final:
             next_at = _now() + datetime.timedelta(seconds=self._config.retry_after_s)
             await self._store.write(
                 self._store.index.retry_later,
