@@ -15,6 +15,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from appliance.pipeline.render import RenderError, Rendition, render
+from appliance.pipeline.workers import prove_and_render_job
 from tests import render_corpus
 from tests.render_corpus import CASES, Case
 
@@ -95,6 +96,11 @@ def test_rendering_matches_the_reference(case: Case, tmp_path: Path, sheet: Cont
     jpegs = render(path, RENDITIONS)
     assert jpegs is not None
     _compare(case.name, jpegs, expected, sheet)
+    # The pipeline's first pass renders from the frame its proof decoded: the same picture.
+    proof, first_pass, error, _peak = prove_and_render_job(str(path), RENDITIONS, True)
+    assert (proof, error) == ("", None)
+    for ours, again in zip(jpegs, first_pass, strict=True):
+        assert float(np.abs(_decoded(ours) - _decoded(again)).mean()) < 1.0
 
 
 def test_tomosynthesis_uses_the_frame_voi_lut_of_its_functional_groups(

@@ -116,9 +116,14 @@ def _area_reduce(pixels: np.ndarray, height: int) -> np.ndarray:
     return reduced
 
 
-def decode(path: Path, header: pydicom.Dataset, height: int) -> np.ndarray:
-    """The (central) frame's stored values, reduced to about `height` rows or more."""
+def decode(
+    path: Path, header: pydicom.Dataset, height: int, decoded: np.ndarray | None = None
+) -> np.ndarray:
+    """The (central) frame's stored values, reduced to about `height` rows or more; `decoded`
+    is that frame when a proof has just decoded it (monochrome only)."""
     syntax = str(header.file_meta.TransferSyntaxUID)
+    if decoded is not None and decoded.ndim == 2:
+        return _area_reduce(decoded, height)
     try:
         if syntax in JPEG_2000:
             reduced = _jpeg2000_reduced(path, header, height)
@@ -261,13 +266,22 @@ def check_not_uniform(stored: np.ndarray, levels: np.ndarray) -> None:
             )
 
 
-def render(path: Path, renditions: Sequence[Rendition]) -> list[bytes] | None:
-    """JPEG bytes for each rendition, or None for an object without pixel data."""
+def central_frame(header: pydicom.Dataset) -> int:
+    """The frame a multi-frame object is shown by."""
+    frames = int(header.get("NumberOfFrames") or 1)
+    return frames // 2 if frames > 1 else 0
+
+
+def render(
+    path: Path, renditions: Sequence[Rendition], decoded: np.ndarray | None = None
+) -> list[bytes] | None:
+    """JPEG bytes for each rendition, or None for an object without pixel data. `decoded`:
+    the central frame's stored values when already decoded (by the proof)."""
     header = pydicom.dcmread(path, stop_before_pixels=True)
     if "Rows" not in header:
         return None
     tallest = max(r.height for r in renditions)
-    pixels = decode(path, header, tallest)
+    pixels = decode(path, header, tallest, decoded)
     frames = int(header.get("NumberOfFrames") or 1)
     try:
         if pixels.ndim == 3:  # colour (e.g. secondary capture): pydicom already gave RGB

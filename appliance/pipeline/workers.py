@@ -132,21 +132,25 @@ def prove_and_render_job(
     """(proof, jpegs, error, peak): every frame decoded first when asked (storage commitment
     confirms an encapsulated image only after this), then the renditions when asked. The
     proof is returned whatever the rendering does."""
-    from appliance.pipeline.render import render
+    import pydicom
+
+    from appliance.pipeline.render import central_frame, render
     from appliance.storage.structure import CannotCheck, Unsound, decode_all
 
     proof: str | None = None
     path = Path(source)
+    kept: list[Any] = []  # the central frame, as the proof decoded it: not decoded twice
     try:
         if prove:
             try:
-                decode_all(path)
+                header = pydicom.dcmread(path, stop_before_pixels=True)
+                decode_all(path, kept if renditions else None, central_frame(header))
                 proof = ""
             except Unsound as exc:
                 return exc.reason, None, None, _peak_rss_kb()
             except CannotCheck as exc:  # the machine's trouble (memory, I/O): retried
                 return None, None, ("decode", str(exc), False), _peak_rss_kb()
-        jpegs = render(path, renditions) if renditions else None
+        jpegs = render(path, renditions, kept[0] if kept else None) if renditions else None
         return proof, jpegs, None, _peak_rss_kb()
     except RenderError as exc:
         return proof, None, (exc.phase, exc.reason, exc.final), _peak_rss_kb()

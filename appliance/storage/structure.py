@@ -19,7 +19,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import attrs
 import pydicom
@@ -287,10 +287,11 @@ def has_odd_lengths(dataset: pydicom.Dataset) -> bool:
     return False
 
 
-def decode_all(path: Path) -> int:
+def decode_all(path: Path, keep: list[Any] | None = None, keep_index: int = 0) -> int:
     """Prove the pixel data whole: the structure checked again, then (for encapsulated data)
     every frame decoded, one in memory at a time. The number of frames decoded; raises Unsound,
-    or CannotCheck when the machine (memory, I/O), not the data, failed."""
+    or CannotCheck when the machine (memory, I/O), not the data, failed. Frame `keep_index`'s
+    stored values are appended to `keep` (so a render need not decode it again)."""
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True)
     except OSError as exc:
@@ -308,7 +309,9 @@ def decode_all(path: Path) -> int:
         raise CannotCheck(f"reading the file failed: {exc.strerror or exc}") from None
     frames = 0
     try:
-        for _frame in iter_pixels(path, raw=True):
+        for frame in iter_pixels(path, raw=True):
+            if keep is not None and frames == keep_index:
+                keep.append(frame)
             frames += 1
     except (MemoryError, OSError) as exc:  # the machine's trouble, not the data's
         raise CannotCheck(f"{type(exc).__name__}: {exc}") from None
