@@ -28,6 +28,7 @@ from appliance.dicom.server import Contexts, DicomServer, Handler
 from appliance.dicom.statuses import SUCCESS
 from appliance.dicom.storage_scp import STORAGE_CONTEXTS, StorageSCP
 from appliance.dicom.worklist_scp import WORKLIST_CONTEXTS, WorklistSCP
+from appliance.identity import RELAY_RESOURCE, EntraTokens, credential_for
 from appliance.log import get_logger
 from appliance.outbox import Outbox
 from appliance.pipeline.service import ImagePipeline
@@ -95,6 +96,9 @@ class Appliance:
             self.store, self.worklist, config.studies, ae_title=config.dicom.storage.ae_title
         )
         self.pixel_workers = PixelWorkers(config.pipeline)
+        self.identity = EntraTokens(
+            credential_for(config.identity), refresh_margin_s=config.identity.refresh_margin_s
+        )
         self.pipeline = ImagePipeline(
             self.store,
             self.worklist,
@@ -169,18 +173,26 @@ class Appliance:
             images=self.store,
             test_unit=self._unit if self._test_unit is not None else None,
             fetch=ImageFetch(self.store, relay.fetch_kbps, relay.fetch_concurrency),
-            events_are_sent=relay.enabled,
+            events_are_sent=relay.enabled and self.config.cloud.profile == "relay-events",
+            profile=self.config.cloud.profile,
+            scheduled_zone=self.config.cloud.scheduled_time_zone,
+            listener_uptime=lambda: self.relay_listener.uptime() if self.relay_listener else 0.0,
         )
 
     def _relay(self, actions: CloudActions, key: bytes) -> list[Service]:
         relay = self.config.relay
         liveness = Liveness(relay.ping_interval_s, relay.ping_timeout_s)
+        tokens = self._relay_bearer if relay.auth == "entra" else None
         self.relay_listener = RelayListener(
             name="relay-listener",
             endpoint=RelayEndpoint.from_config(relay, relay.actions_path, key),
             handle=actions.handle,
             liveness=liveness,
+            tokens=tokens,
         )
+        if self.config.cloud.profile == "manage":
+            # Manage sends actions and receives images over HTTPS; it listens on no relay.
+            return [self.relay_listener]
         self.relay_sender = RelaySender(
             outbox=self.outbox,
             endpoint=RelayEndpoint.from_config(relay, relay.events_path, key),
@@ -188,8 +200,14 @@ class Appliance:
             ack_timeout=relay.ack_timeout_s,
             retention_days=relay.delivered_retention_days,
             liveness=liveness,
+            tokens=tokens,
         )
         return [self.relay_listener, self.relay_sender]
+
+    async def _relay_bearer(self) -> tuple[str, float]:
+        """An `sb-hc-token` of this machine's Entra identity for Azure Relay."""
+        token = await self.identity.get(RELAY_RESOURCE)
+        return f"Bearer {token.token}", token.expires_on
 
     def _describe(self) -> str:
         servers = (self.storage_server, self.worklist_server)
@@ -264,7 +282,9 @@ class Appliance:
         ]
         if self.config.relay.enabled:
             relay = self.config.relay
-            key = await trio.to_thread.run_sync(read_secret, relay.key_file, "relay.key_file")
+            key = b""
+            if relay.auth == "sas":
+                key = await trio.to_thread.run_sync(read_secret, relay.key_file, "relay.key_file")
             services += self._relay(actions, key)
         services += [
             commitment,

@@ -309,6 +309,9 @@ class RelayConfig:
     actions_path: str = "actions"
     events_path: str = "events"
     key_name: str = "RootManageSharedAccessKey"
+    #: How the listener and sender authenticate: sas (a key from key_file) or entra (a bearer
+    #: token of this machine's identity, `[identity]`; what production namespaces require).
+    auth: Literal["sas", "entra"] = "sas"
     #: A file holding the SAS key, or the name of a systemd credential ($CREDENTIALS_DIRECTORY).
     #: Never the key itself: keys do not belong in a config file.
     key_file: str = ""
@@ -342,6 +345,43 @@ class RelayConfig:
 
 
 @frozen
+class IdentityConfig:
+    """This machine's Microsoft Entra ID identity (docs/cloud.md)."""
+
+    #: managed-identity: the Azure Arc system-assigned identity (IDENTITY_ENDPOINT and
+    #: IMDS_ENDPOINT set by the Arc agent); certificate: an app registration's client
+    #: certificate, for sites without Arc.
+    credential: Literal["managed-identity", "certificate"] = "managed-identity"
+    tenant_id: str = ""
+    client_id: str = ""
+    #: PEM with the private key: a file, or a systemd credential's name.
+    certificate_file: str = ""
+    #: A token is renewed this long before it expires.
+    refresh_margin_s: float = field(default=300.0, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.credential == "certificate":
+            for name in ("tenant_id", "client_id", "certificate_file"):
+                if not getattr(self, name):
+                    raise FieldError(
+                        getattr(attrs.fields(IdentityConfig), name),
+                        "required when identity.credential is certificate",
+                    )
+
+
+@frozen
+class CloudConfig:
+    """What the appliance speaks to the cloud (docs/cloud.md)."""
+
+    #: relay-events: actions in and events out over two hybrid connections (the seeds' design);
+    #: manage: the NHS's Manage service (its action replies, images uploaded over HTTPS).
+    profile: Literal["relay-events", "manage"] = "relay-events"
+    #: The zone of a create_item's scheduled date and time, which carry none. The NHS gateway
+    #: documents them as UTC.
+    scheduled_time_zone: str = field(default="UTC", validator=_time_zone)
+
+
+@frozen
 class Config:
     state_dir: Path = Path("/var/lib/screening-gateway")
     dicom: DicomConfig = DicomConfig()
@@ -353,6 +393,8 @@ class Config:
     retention: RetentionConfig = RetentionConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     relay: RelayConfig = RelayConfig()
+    identity: IdentityConfig = IdentityConfig()
+    cloud: CloudConfig = CloudConfig()
 
 
 # --- structuring ---------------------------------------------------------------------------------
@@ -471,15 +513,21 @@ def load(path: Path, environ: dict[str, str] | None = None) -> Config:
     return config
 
 
-def read_secret(reference: str, key: str, environ: dict[str, str] | None = None) -> bytes:
-    """Read a secret named by a config value: a systemd credential name or a file path."""
+def secret_path(reference: str, environ: dict[str, str] | None = None) -> Path:
+    """Where a secret named by a config value is: a systemd credential's name (a bare name,
+    under $CREDENTIALS_DIRECTORY) or a file path."""
     environ = dict(os.environ) if environ is None else environ
-    if not reference:
-        raise ConfigError([f"config: {key}: required when the relay is enabled"])
     credentials = environ.get("CREDENTIALS_DIRECTORY")
-    path = (
+    return (
         Path(credentials) / reference if credentials and "/" not in reference else Path(reference)
     )
+
+
+def read_secret(reference: str, key: str, environ: dict[str, str] | None = None) -> bytes:
+    """Read a secret named by a config value: a systemd credential name or a file path."""
+    if not reference:
+        raise ConfigError([f"config: {key}: required when the relay is enabled"])
+    path = secret_path(reference, environ)
     try:
         secret = path.read_bytes().strip()
     except OSError as exc:
@@ -492,7 +540,7 @@ def read_secret(reference: str, key: str, environ: dict[str, str] | None = None)
 def effective(config: Config, environ: dict[str, str] | None = None) -> dict[str, Any]:
     """The config as it will be used, with secrets replaced by a note of where they come from."""
     tree: dict[str, Any] = converter.unstructure(config)
-    if config.relay.enabled:
+    if config.relay.enabled and config.relay.auth == "sas":
         secret = read_secret(config.relay.key_file, "relay.key_file", environ)
         tree["relay"]["key"] = f"<redacted: {len(secret)} bytes>"
     return tree

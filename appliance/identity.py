@@ -24,9 +24,13 @@ from typing import Any, Protocol
 import trio
 from attrs import frozen
 
+from appliance.config import IdentityConfig, secret_path
 from appliance.log import get_logger
 
 log = get_logger("identity")
+
+#: The audience of Entra tokens for Azure Relay (the listener's `sb-hc-token: Bearer <jwt>`).
+RELAY_RESOURCE = "https://relay.azure.net"
 
 
 class IdentityError(Exception):
@@ -147,6 +151,15 @@ def managed_identity() -> Credential:
     from azure.identity import ManagedIdentityCredential
 
     return ManagedIdentityCredential()
+
+
+def credential_for(identity: IdentityConfig) -> Callable[[], Credential]:
+    """The credential the config names, made on first use (so a site that never talks to an
+    Entra-protected cloud never needs the Arc agent)."""
+    if identity.credential == "certificate":
+        path = str(secret_path(identity.certificate_file))
+        return client_certificate(identity.tenant_id, identity.client_id, path)
+    return managed_identity
 
 
 def client_certificate(

@@ -10,11 +10,11 @@ import time
 import pytest
 import trio
 
-from appliance.identity import EntraTokens, IdentityError, managed_identity
+from appliance.identity import RELAY_RESOURCE, EntraTokens, IdentityError, managed_identity
 from appliance.relay.endpoint import Liveness, RelayEndpoint
 from appliance.relay.listener import RelayListener
 from appliance.testing.entra import EntraEmulator, verify
-from appliance.testing.relay_emulator import RELAY_RESOURCE, EntraTrust, RelayEmulator
+from appliance.testing.relay_emulator import EntraTrust, RelayEmulator
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="Arc's key files live under /var/opt")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
+import zoneinfo
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -20,7 +22,14 @@ from appliance.config import strict_converter
 from appliance.log import get_logger
 from appliance.relay.fetch import FetchError, FetchRequest, ImageFetch
 from appliance.storage.store import InstanceStore
-from appliance.worklist.store import CANCELLED, WorklistError, WorklistItem, WorklistStore
+from appliance.worklist.store import (
+    CANCELLED,
+    AccessionConflict,
+    UnknownItem,
+    WorklistError,
+    WorklistItem,
+    WorklistStore,
+)
 
 log = get_logger("relay")
 
@@ -131,18 +140,51 @@ def _structure(parameters: Any, cls: type) -> Any:
         raise ActionError(f"invalid parameters: {detail}") from None
 
 
-def _utc(scheduled: Scheduled) -> datetime.datetime:
+def _scheduled_at(scheduled: Scheduled, zone: datetime.tzinfo) -> datetime.datetime:
+    """The scheduled moment: YYYY-MM-DD or YYYYMMDD, HH:MM[:SS] or HHMMSS, in `zone` (the
+    cloud sends no zone; cloud.scheduled_time_zone says which it means), as UTC."""
     try:
         moment = datetime.datetime.fromisoformat(f"{scheduled.date}T{scheduled.time}")
     except ValueError:
         raise ActionError(
             f"invalid parameters: scheduled {scheduled.date} {scheduled.time} is not a date/time"
         ) from None
-    return moment.replace(tzinfo=datetime.UTC) if moment.tzinfo is None else moment
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zone)
+    return moment.astimezone(datetime.UTC)
 
 
 def _sex(value: str) -> str:
     return {"female": "F", "male": "M", "other": "O"}.get(value.lower(), value.upper()[:1])
+
+
+#: Manage records an action as failed when no reply came within 30 s: answer before.
+DEADLINE_S = 25.0
+#: Actions that take as long as they take (they stream, or run a simulated exam).
+UNBOUNDED = {"image.fetch", "worklist.create_test_item"}
+
+
+def manage_health(health: dict[str, Any], listener_uptime_s: float) -> dict[str, Any]:
+    """Our health in the shape Manage reads: `healthy` is the AND of every check's `ok`."""
+    checks = health["checks"]
+    disk = checks["disk"]
+    shaped = {
+        "mwl_port": {"ok": bool(checks.get("worklist_port"))},
+        "pacs_port": {"ok": bool(checks.get("storage_port"))},
+        "disk": {
+            "ok": bool(disk.get("ok")),
+            "free_bytes": disk.get("free_bytes"),
+            "free_percent": disk.get("free_percent"),
+        },
+        # Ours: side-matters that keep failing while DICOM serves (someone should look).
+        "services": {"ok": not health.get("degraded"), "degraded": health.get("degraded", [])},
+    }
+    return {
+        "healthy": all(check["ok"] for check in shaped.values()),
+        "version": health.get("version"),
+        "listener_uptime_seconds": round(listener_uptime_s),
+        "checks": shaped,
+    }
 
 
 class CloudActions:
@@ -155,7 +197,16 @@ class CloudActions:
         test_unit: UnitFactory | None = None,
         fetch: ImageFetch | None = None,
         events_are_sent: bool = True,
+        profile: str = "relay-events",
+        scheduled_zone: str = "UTC",
+        listener_uptime: Callable[[], float] = lambda: 0.0,
+        deadline_s: float = DEADLINE_S,
     ) -> None:
+        #: "manage": every reply in the NHS Manage contract's exact shape (docs/cloud.md).
+        self._manage = profile == "manage"
+        self._zone = zoneinfo.ZoneInfo(scheduled_zone)
+        self._listener_uptime = listener_uptime
+        self._deadline = deadline_s
         self._worklist = worklist
         self._images = images
         self._health = health
@@ -182,12 +233,22 @@ class CloudActions:
                 raise ActionError("an action is a JSON object")
             action_id = message.get("action_id")
             action_type = message.get("action_type")
-            if action_type == "image.fetch":
-                reply = await self._image_fetch(message.get("parameters") or {}, channel)
-            elif action_type in self._handlers:
-                reply = await self._handlers[action_type](message.get("parameters") or {}, message)
-            else:
+            if action_type not in self._handlers and action_type != "image.fetch":
+                if self._manage:
+                    raise ActionError(f"Unsupported action: {action_type}")
                 raise ActionError(f"unknown action_type {action_type!r}")
+            limit = math.inf if action_type in UNBOUNDED else self._deadline
+            with trio.move_on_after(limit) as deadline:
+                if action_type == "image.fetch":
+                    reply = await self._image_fetch(message.get("parameters") or {}, channel)
+                else:
+                    parameters = message.get("parameters") or {}
+                    reply = await self._handlers[action_type](parameters, message)
+            if deadline.cancelled_caught:  # an answer before the cloud gives up on us
+                raise ActionError(
+                    f"{action_type} did not finish within {limit:g} s; it may still take "
+                    "effect: ask again"
+                )
             log.info(
                 "action.done",
                 action_type=action_type,
@@ -201,12 +262,17 @@ class CloudActions:
             log.warning("action.refused", phase="action", reason="malformed JSON")
         except (ActionError, WorklistError, FetchError) as exc:
             reply = {"status": "error", "message": str(exc)}
-            if isinstance(exc, WorklistError):
+            if isinstance(exc, WorklistError) and not self._manage:
                 reply["code"] = exc.code
             log.warning("action.refused", phase="action", action_id=action_id, reason=str(exc))
         except Exception as exc:  # a store or disk error: a structured reply, not a dead channel
             log.exception("action.failed", phase="action", action_id=action_id)
             reply = {"status": "error", "message": f"internal error: {type(exc).__name__}: {exc}"}
+        if self._manage:
+            # The contract's shapes exactly: action_id only where Manage's gateway puts it.
+            if reply.get("status") in ("created", "exists", "ok"):
+                reply["action_id"] = action_id
+            return json.dumps(reply)
         return json.dumps({**reply, "action_id": action_id})
 
     async def _create_item(
@@ -222,7 +288,7 @@ class CloudActions:
             patient_name=new.participant.name,
             patient_birth_date=new.participant.birth_date.replace("-", ""),
             patient_sex=_sex(new.participant.sex),
-            scheduled_at=_utc(new.scheduled),
+            scheduled_at=_scheduled_at(new.scheduled, self._zone),
             modality=new.procedure.modality,
             study_description=new.procedure.study_description,
             scheduled_station_ae=new.procedure.station_ae_title,
@@ -233,7 +299,19 @@ class CloudActions:
             source_message_id=message.get("action_id"),
             is_test=test,
         )
-        result, stored = await self._worklist.write(self._worklist.create, item)
+        try:
+            result, stored = await self._worklist.write(self._worklist.create, item)
+        except AccessionConflict as exc:
+            if not self._manage:
+                raise
+            # Manage's gateway answers "exists" for any accession it holds; the difference is
+            # ours to record, not a failure for the cloud to retry.
+            log.warning(
+                "worklist.create_conflict", action_id=message.get("action_id"), error=str(exc)
+            )
+            return {"status": "exists"}
+        if self._manage:
+            return {"status": result}
         return {"status": result, "study_instance_uid": stored.study_instance_uid}
 
     async def _create_test_item(self, parameters: Any, message: dict[str, Any]) -> dict[str, Any]:
@@ -274,9 +352,15 @@ class CloudActions:
 
     async def _update_status(self, parameters: Any, message: dict[str, Any]) -> dict[str, Any]:
         change = _structure(parameters, UpdateStatus).worklist_item
-        await self._worklist.write(
-            self._worklist.set_status, change.accession_number, change.status
-        )
+        status = change.status.upper() if self._manage else change.status  # 'completed' too
+        try:
+            await self._worklist.write(self._worklist.set_status, change.accession_number, status)
+        except UnknownItem:
+            if not self._manage:
+                raise
+            raise ActionError(f"Worklist item '{change.accession_number}' not found") from None
+        if self._manage:
+            return {"accession_number": change.accession_number, "status": "updated"}
         return {"status": "updated"}
 
     async def _cancel_item(self, parameters: Any, message: dict[str, Any]) -> dict[str, Any]:
@@ -285,7 +369,10 @@ class CloudActions:
         return {"status": "cancelled"}
 
     async def _report_health(self, parameters: Any, message: dict[str, Any]) -> dict[str, Any]:
-        return {"status": "ok", "health": await self._health()}
+        health = await self._health()
+        if self._manage:
+            health = manage_health(health, self._listener_uptime())
+        return {"status": "ok", "health": health}
 
     async def _image_fetch(self, parameters: Any, channel: Any) -> dict[str, Any]:
         if self._fetch is None:
@@ -295,4 +382,6 @@ class CloudActions:
         return await self._fetch.run(_structure(parameters, FetchRequest), channel)
 
     async def _echo(self, parameters: Any, message: dict[str, Any]) -> dict[str, Any]:
+        if self._manage:  # Manage's gateway echoes the whole request
+            return {"status": "echo", "payload": message}
         return {"status": "echo", "payload": message.get("payload", parameters)}

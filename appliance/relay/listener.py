@@ -63,8 +63,14 @@ class RelayListener(RelayClient):
         self._ping_interval = liveness.ping_interval
         self._ping_timeout = liveness.ping_timeout
         self.last_contact: float | None = None
+        #: When the control channel now open was opened (None: not connected).
+        self.connected_at: float | None = None
         self.accepted = 0
         self.renewals = 0
+
+    def uptime(self) -> float:
+        """Seconds the control channel has been open (0 when it is not)."""
+        return self._clock() - self.connected_at if self.connected_at is not None else 0.0
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -103,9 +109,12 @@ class RelayListener(RelayClient):
                     disconnect_timeout=min(2.0, self._ping_timeout),
                 ) as control:
                     self._connected()
-                    self.last_contact = self._clock()
+                    self.last_contact = self.connected_at = self._clock()
                     log.info("relay.listening", listener=self.name, path=self._path)
-                    await self._serve(control, expiry, conversations)
+                    try:
+                        await self._serve(control, expiry, conversations)
+                    finally:
+                        self.connected_at = None
             except ConnectionRejected as exc:
                 self._rejected(exc, not_found="handshake")
                 if exc.status_code in MISCONFIGURED:  # no such hybrid connection, wrong key

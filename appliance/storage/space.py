@@ -21,6 +21,7 @@ from attrs import frozen
 class Space:
     free_bytes: int
     floor_bytes: int
+    total_bytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -35,11 +36,14 @@ class Space:
     def admits(self, more_bytes: int) -> bool:
         return self.free_bytes - more_bytes >= self.floor_bytes
 
-    def as_dict(self) -> dict[str, int | bool]:
+    def as_dict(self) -> dict[str, int | float | bool]:
         return {
             "free_bytes": self.free_bytes,
             "floor_bytes": self.floor_bytes,
             "headroom_bytes": self.headroom_bytes,
+            "free_percent": round(100.0 * self.free_bytes / self.total_bytes, 1)
+            if self.total_bytes
+            else 0.0,
             "ok": self.ok,
         }
 
@@ -60,7 +64,10 @@ class DiskFloor:
         self.last_refusal_at: float | None = None
 
     def measure(self) -> Space:
-        return Space(free_bytes(self.path), self.floor_bytes)
+        found = os.statvfs(self.path)
+        return Space(
+            found.f_bavail * found.f_frsize, self.floor_bytes, found.f_blocks * found.f_frsize
+        )
 
     def refused(self) -> None:
         """A C-STORE was answered 0xA700 for space."""

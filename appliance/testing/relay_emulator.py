@@ -38,11 +38,9 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
+from appliance.identity import RELAY_RESOURCE
 from appliance.log import get_logger
 from appliance.relay.sas import TokenError, resource_uri, verify
-
-#: The audience of Entra tokens for Azure Relay.
-RELAY_RESOURCE = "https://relay.azure.net"
 
 
 @attrs.frozen
