@@ -18,7 +18,7 @@ SITE_DROP_IN = (
 )
 
 
-def site_settings(storage_port: int, worklist_port: int) -> str:
+def site_settings(storage_port: int, worklist_port: int, arc: bool = False) -> str:
     """The role's drop-in for a site, rendered as Ansible renders it."""
     import jinja2
 
@@ -27,10 +27,26 @@ def site_settings(storage_port: int, worklist_port: int) -> str:
         ansible_managed="Ansible managed",
         screening_gateway_storage_port=storage_port,
         screening_gateway_worklist_port=worklist_port,
+        screening_gateway_arc_identity=arc,
+        screening_gateway_arc_endpoint="http://localhost:40342",
     )
 
 
-@pytest.fixture(params=[(4244, 4243), (104, 4243)], ids=["unprivileged-ports", "port-104"])
+def test_the_arc_identity_adds_its_endpoint_and_group_and_nothing_else():
+    plain, arc = site_settings(4244, 4243), site_settings(4244, 4243, arc=True)
+    added = [line for line in arc.splitlines() if line not in plain.splitlines()]
+    settings = [line for line in added if line and not line.startswith("#")]
+    assert settings == [
+        "Environment=IDENTITY_ENDPOINT=http://localhost:40342/metadata/identity/oauth2/token",
+        "Environment=IMDS_ENDPOINT=http://localhost:40342",
+        "SupplementaryGroups=himds",
+    ]
+
+
+@pytest.fixture(
+    params=[(4244, 4243), (104, 4243), (4244, 4243, True)],
+    ids=["unprivileged-ports", "port-104", "arc-identity"],
+)
 def unit(request, tmp_path) -> Path:
     """The unit as a site runs it: the reviewed file plus the role's drop-in (appended: later
     assignments win, as with a drop-in), ExecStart pointing at this checkout's appliance (verify
