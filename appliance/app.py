@@ -182,7 +182,7 @@ class Appliance:
     def _relay(self, actions: CloudActions, key: bytes) -> list[Service]:
         relay = self.config.relay
         liveness = Liveness(relay.ping_interval_s, relay.ping_timeout_s)
-        tokens = self._relay_bearer if relay.auth == "entra" else None
+        tokens = self.identity.bearer(RELAY_RESOURCE) if relay.auth == "entra" else None
         self.relay_listener = RelayListener(
             name="relay-listener",
             endpoint=RelayEndpoint.from_config(relay, relay.actions_path, key),
@@ -203,11 +203,6 @@ class Appliance:
             tokens=tokens,
         )
         return [self.relay_listener, self.relay_sender]
-
-    async def _relay_bearer(self) -> tuple[str, float]:
-        """An `sb-hc-token` of this machine's Entra identity for Azure Relay."""
-        token = await self.identity.get(RELAY_RESOURCE)
-        return f"Bearer {token.token}", token.expires_on
 
     def _describe(self) -> str:
         servers = (self.storage_server, self.worklist_server)

@@ -18,7 +18,7 @@ shown by `appliance status` and `health`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import trio
@@ -138,6 +138,16 @@ class EntraTokens:
             self.fetched += 1
             self._cache[resource] = token
             return token
+
+    def bearer(self, resource: str) -> Callable[[], Awaitable[tuple[str, float]]]:
+        """A token source for `resource` in the `Bearer <jwt>` form Azure Relay takes as its
+        `sb-hc-token`, with its expiry."""
+
+        async def source() -> tuple[str, float]:
+            token = await self.get(resource)
+            return f"Bearer {token.token}", token.expires_on
+
+        return source
 
     def _fetch(self, resource: str) -> AccessToken:
         if self._credential is None:

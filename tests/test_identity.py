@@ -4,6 +4,7 @@ accepts only bearer tokens of that tenant."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -56,10 +57,6 @@ async def test_a_listener_authenticated_by_bearer_token_renews_it_before_expiry(
     trust = EntraTrust(entra.jwks(), (entra.issuer,), frozenset({entra.oid}))
     relay = RelayEmulator({}, namespace="site.servicebus.windows.net", entra=trust)
 
-    async def bearer() -> tuple[str, float]:
-        token = await tokens.get(RELAY_RESOURCE)
-        return f"Bearer {token.token}", token.expires_on
-
     async with trio.open_nursery() as nursery:
         await nursery.start(relay.run)
         endpoint = RelayEndpoint(relay.endpoint, relay.namespace, "actions", "", b"")
@@ -68,7 +65,7 @@ async def test_a_listener_authenticated_by_bearer_token_renews_it_before_expiry(
             endpoint=endpoint,
             handle=None,
             liveness=Liveness(ping_interval=1.0, ping_timeout=0.5),
-            tokens=bearer,
+            tokens=tokens.bearer(RELAY_RESOURCE),
         )
         nursery.start_soon(listener.run)
         with trio.fail_after(30):
@@ -85,14 +82,12 @@ async def test_the_namespace_refuses_a_bearer_token_of_another_identity(entra):
     relay = RelayEmulator({}, namespace="site.servicebus.windows.net", entra=trust)
     tokens = EntraTokens(managed_identity)
 
-    async def bearer() -> tuple[str, float]:
-        token = await tokens.get(RELAY_RESOURCE)
-        return f"Bearer {token.token}", token.expires_on
-
     async with trio.open_nursery() as nursery:
         await nursery.start(relay.run)
         endpoint = RelayEndpoint(relay.endpoint, relay.namespace, "actions", "", b"")
-        listener = RelayListener(name="gw-1", endpoint=endpoint, handle=None, tokens=bearer)
+        listener = RelayListener(
+            name="gw-1", endpoint=endpoint, handle=None, tokens=tokens.bearer(RELAY_RESOURCE)
+        )
         nursery.start_soon(listener.run)
         with trio.fail_after(10):
             while not listener.misconfigured:  # noqa: ASYNC110 (a counter, not an event)
@@ -100,3 +95,55 @@ async def test_the_namespace_refuses_a_bearer_token_of_another_identity(entra):
         assert listener.failures["identity"] >= 1
         assert "holds no Relay role" in relay.refusals[0][1]
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.system
+async def test_the_running_appliance_listens_with_its_arc_identity_and_speaks_manage(
+    entra, tmp_path, nursery
+):
+    """`appliance run` with relay.auth = entra and cloud.profile = manage: the namespace sees
+    only a bearer token, and the cloud gets Manage's reply shapes."""
+    from appliance.testing.cloud import send_action
+    from tests.support import ApplianceProcess, write_config
+    from tests.test_manage_contract import ACTION_ID, create
+
+    trust = EntraTrust(entra.jwks(), (entra.issuer,), frozenset({entra.oid}))
+    # The cloud sends with a SAS key of its own; the gateway's listener has only its identity.
+    emulator = await nursery.start(
+        RelayEmulator(
+            {"cloud": b"cloud-key"}, namespace="site.servicebus.windows.net", entra=trust
+        ).run
+    )
+    settings = {
+        "relay": {
+            "enabled": True,
+            "auth": "entra",
+            "namespace": emulator.namespace,
+            "endpoint": emulator.endpoint,
+            "ping_interval_s": 2,
+            "ping_timeout_s": 1,
+        },
+        "cloud": {"profile": "manage"},
+    }
+    app = ApplianceProcess(write_config(tmp_path, settings), env=entra.environment())
+    app.start()
+    try:
+        await trio.to_thread.run_sync(app.wait_ready)
+        with trio.fail_after(30):
+            while emulator.listener_count("actions") != 1:  # noqa: ASYNC110 (a count)
+                await trio.sleep(0.05)
+            cloud = RelayEndpoint(
+                emulator.endpoint, emulator.namespace, "actions", "cloud", b"cloud-key"
+            )
+            reply = json.loads(await send_action(cloud, create()))
+            health = json.loads(
+                await send_action(cloud, json.dumps({"action_type": "health", "action_id": "h"}))
+            )
+    finally:
+        await trio.to_thread.run_sync(app.stop)
+        app.__exit__()
+    assert reply == {"status": "created", "action_id": ACTION_ID}
+    assert health["health"]["checks"]["mwl_port"] == {"ok": True}
+    assert health["health"]["listener_uptime_seconds"] >= 0
+    assert emulator.refusals == []
+    assert entra.challenges >= 1  # the token came through Arc's challenge flow
