@@ -50,6 +50,7 @@ from appliance.storage.space import DiskFloor, Reserve
 from appliance.storage.spool import SpoolSweeper
 from appliance.storage.store import InstanceStore
 from appliance.supervisor import RestartPolicy, Service, Supervisor
+from appliance.uploads import ImageUploader
 from appliance.worklist.housekeeping import WorklistHousekeeper
 from appliance.worklist.store import WorklistStore
 
@@ -110,6 +111,7 @@ class Appliance:
         self._test_unit = test_unit
         #: startup (state, databases, recovery, first start of the servers), run, or shutdown.
         self.phase = "startup"
+        self.uploader: ImageUploader | None = None
         self.relay_listener: RelayListener | None = None
         self.relay_sender: RelaySender | None = None
         self.storage_server: DicomServer | None = None
@@ -281,6 +283,11 @@ class Appliance:
             if relay.auth == "sas":
                 key = await trio.to_thread.run_sync(read_secret, relay.key_file, "relay.key_file")
             services += self._relay(actions, key)
+        if self.config.cloud.profile == "manage":
+            self.uploader = ImageUploader(
+                self.store, self.worklist, self.config.cloud, self.identity
+            )
+            services.append(self.uploader)
         services += [
             commitment,
             self.storage_server,

@@ -379,6 +379,23 @@ class CloudConfig:
     #: The zone of a create_item's scheduled date and time, which carry none. The NHS gateway
     #: documents them as UTC.
     scheduled_time_zone: str = field(default="UTC", validator=_time_zone)
+    #: Manage's API (profile manage): its base URL and its app registration's audience
+    #: (e.g. api://<app id>), for which this machine's Entra token is asked.
+    api_url: str = ""
+    api_audience: str = ""
+    #: Studies uploaded at once (images of one study go one after another).
+    upload_concurrency: int = field(default=2, validator=_positive)
+    #: An image that keeps failing for reasons that may pass is retried this long.
+    upload_retry_days: float = field(default=7.0, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.profile == "manage":
+            for name in ("api_url", "api_audience"):
+                if not getattr(self, name):
+                    raise FieldError(
+                        getattr(attrs.fields(CloudConfig), name),
+                        "required when cloud.profile is manage",
+                    )
 
 
 @frozen

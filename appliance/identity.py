@@ -139,6 +139,10 @@ class EntraTokens:
             self._cache[resource] = token
             return token
 
+    def forget(self, resource: str) -> None:
+        """Drop the cached token: the service refused it (revoked, rotated keys)."""
+        self._cache.pop(resource, None)
+
     def bearer(self, resource: str) -> Callable[[], Awaitable[tuple[str, float]]]:
         """A token source for `resource` in the `Bearer <jwt>` form Azure Relay takes as its
         `sb-hc-token`, with its expiry."""

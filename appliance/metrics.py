@@ -27,6 +27,7 @@ COUNTERS = {
     "retrieve_total": "C-GET and C-MOVE requests, by verb",
     "mpps_total": "MPPS requests, by operation (n-create, n-set) and outcome",
     "images_processed_total": "Images through the pipeline, by outcome (thumbnail, failed)",
+    "uploads_total": "Image uploads to Manage, by outcome (done, failed, skipped, pending)",
     "events_sent_total": "Events sent to the cloud (including resends)",
     "events_acked_total": "Events acknowledged by the cloud",
     "relay_failures_total": "Relay failures, by client and phase",

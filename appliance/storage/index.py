@@ -95,6 +95,20 @@ CREATE TABLE IF NOT EXISTS studies (
     completed_at       TEXT,
     completions        INTEGER NOT NULL DEFAULT 0
 );
+
+-- Images to Manage over HTTPS (appliance/uploads.py decides; this is its memory).
+CREATE TABLE IF NOT EXISTS uploads (
+    sop_instance_uid TEXT PRIMARY KEY,
+    state            TEXT NOT NULL,       -- PENDING (retrying), DONE, FAILED, SKIPPED
+    action_id        TEXT,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  TEXT,
+    last_status      INTEGER,
+    error            TEXT,
+    instance_id      TEXT,                -- Manage's id of the image
+    first_tried_at   TEXT,
+    updated_at       TEXT NOT NULL
+);
 """
 )
 
@@ -183,7 +197,9 @@ def _retention_candidates(
         "SELECT * FROM stored_instances s WHERE status = 'DELETING' OR (created_at < ?"
         " AND pipeline_state IN ('DONE', 'FAILED') "
         + (released if require_release else "")
-        + f" AND NOT {outbox.IMAGE_EVENT_UNDELIVERED})"
+        + f" AND NOT {outbox.IMAGE_EVENT_UNDELIVERED}"
+        " AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.sop_instance_uid = s.sop_instance_uid"
+        " AND u.state = 'PENDING'))"
         " ORDER BY status != 'DELETING', created_at LIMIT ?",
         (stored_before, limit),
     ).fetchall()

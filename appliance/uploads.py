@@ -1,0 +1,344 @@
+"""Images to the NHS Manage service over HTTPS (cloud profile `manage`, docs/cloud.md).
+
+Each stored image whose Accession Number belongs to a worklist item the cloud created is
+uploaded as received (its bytes, its UIDs) with `PUT {api}/api/v1/dicom/{action_id}`, one
+multipart part `file` named `<SOP Instance UID>.dcm`, streamed from disk, with this machine's
+Entra bearer token for Manage's audience.
+
+The queue is the index: every STORED instance is a candidate until `uploads` (in pacs.db,
+beside it) records its outcome, so a restart, a crash or a day offline delays uploads and
+never loses one. Images of one study go in the order they arrived, one at a time; studies go
+concurrently up to `cloud.upload_concurrency`. Manage is idempotent (a re-upload answers 201),
+so an upload cut by a crash is simply sent again.
+
+Each answer is handled by what it means: 201 done; 401 a fresh token and one more try; 400,
+403, 422 and the 500s Manage gives for a fault in the image or the exam (a laterality or view
+that differs from the series', a study under another action, a PatientID over 10 characters)
+are final: recorded, alarmed, not retried; any other 5xx, a timeout or a network error is
+retried with capped, jittered backoff for `cloud.upload_retry_days`. Objects over 100 MiB and
+classes Manage does not take (tomosynthesis) are not uploaded and say why. The failure report
+(`PATCH .../failure`) is never sent by the appliance: Manage then refuses every later upload for
+the appointment, which only a person should decide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import random
+import sqlite3
+from collections import defaultdict
+from typing import Any
+
+import httpx
+import trio
+
+from appliance.config import CloudConfig
+from appliance.db import Database
+from appliance.identity import EntraTokens, IdentityError
+from appliance.log import get_logger
+from appliance.metrics import METRICS
+from appliance.storage.index import StoredInstance
+from appliance.storage.store import InstanceStore
+from appliance.supervisor import Criticality
+from appliance.worklist.store import WorklistStore
+
+log = get_logger("uploads")
+
+
+MAX_UPLOAD = 100 * 1024 * 1024
+#: Breast tomosynthesis (and its projections): Manage does not take them.
+NOT_ACCEPTED = {"1.2.840.10008.5.1.4.1.1.13.1.3", "1.2.840.10008.5.1.4.1.1.13.1.4"}
+#: Manage's 500s that say the image or the exam is wrong, not the server.
+PERMANENT_500 = ("laterality", "view", "another action", "patientid")
+BACKOFF_S = (5.0, 15.0, 60.0, 300.0, 900.0)
+SWEEP_INTERVAL_S = 2.0
+BATCH = 200
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _iso(moment: datetime.datetime) -> str:
+    return moment.isoformat(timespec="milliseconds")
+
+
+#: An instance due for upload, its attempts so far, and when the first was made.
+Due = tuple[StoredInstance, int, str | None]
+
+
+class UploadQueue:
+    """pacs.db's upload outcomes (writer thread only)."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        return self._database.connection
+
+    def due(self, now: str, limit: int) -> list[Due]:
+        """STORED instances with no final outcome and due now, oldest first, with their
+        attempts so far and when the first was made."""
+        rows = self._db.execute(
+            "SELECT s.*, coalesce(u.attempts, 0) AS upload_attempts,"
+            " u.first_tried_at AS upload_first_tried FROM stored_instances s"
+            " LEFT JOIN uploads u ON u.sop_instance_uid = s.sop_instance_uid"
+            " WHERE s.status = 'STORED' AND (u.sop_instance_uid IS NULL"
+            " OR (u.state = 'PENDING' AND u.next_attempt_at <= ?))"
+            " ORDER BY s.created_at LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        found = []
+        for row in rows:
+            values = dict(row)
+            attempts, first = values.pop("upload_attempts"), values.pop("upload_first_tried")
+            found.append((StoredInstance(**values), int(attempts), first))
+        return found
+
+    def record(
+        self,
+        sop_instance_uid: str,
+        state: str,
+        *,
+        action_id: str | None = None,
+        attempts: int = 0,
+        next_attempt_at: str | None = None,
+        status: int | None = None,
+        error: str | None = None,
+        instance_id: str | None = None,
+        first_tried_at: str | None = None,
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO uploads (sop_instance_uid, state, action_id, attempts, next_attempt_at,"
+            " last_status, error, instance_id, first_tried_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sop_instance_uid) DO UPDATE SET"
+            " state = excluded.state, action_id = excluded.action_id,"
+            " attempts = excluded.attempts, next_attempt_at = excluded.next_attempt_at,"
+            " last_status = excluded.last_status, error = excluded.error,"
+            " instance_id = excluded.instance_id,"
+            " first_tried_at = coalesce(uploads.first_tried_at, excluded.first_tried_at),"
+            " updated_at = excluded.updated_at",
+            (
+                sop_instance_uid,
+                state,
+                action_id,
+                attempts,
+                next_attempt_at,
+                status,
+                error,
+                instance_id,
+                first_tried_at,
+                _iso(_now()),
+            ),
+        )
+
+    def counts(self) -> dict[str, int]:
+        rows = self._db.execute("SELECT state, count(*) FROM uploads GROUP BY state").fetchall()
+        return {str(state): int(count) for state, count in rows}
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT * FROM uploads ORDER BY updated_at").fetchall()
+        return [dict(row) for row in rows]
+
+
+class Outcome(Exception):
+    """How one upload ended: `state` (DONE, FAILED, SKIPPED, PENDING to retry)."""
+
+    def __init__(self, state: str, error: str | None = None, status: int | None = None) -> None:
+        super().__init__(error or state)
+        self.state, self.error, self.status = state, error, status
+        self.instance_id: str | None = None
+
+
+class ImageUploader:
+    name = "image-uploads"
+    criticality = Criticality.AUXILIARY
+
+    def __init__(
+        self,
+        store: InstanceStore,
+        worklist: WorklistStore,
+        config: CloudConfig,
+        tokens: EntraTokens,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._store = store
+        self._worklist = worklist
+        self._config = config
+        self._tokens = tokens
+        self._transport = transport
+        self.queue = UploadQueue(store.database)
+        self._limiter = trio.CapacityLimiter(config.upload_concurrency)
+        self._busy: set[str] = set()  # studies being uploaded now
+        self.uploaded = 0
+        self.failing: str | None = None
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "uploaded": self.uploaded,
+            "studies_in_flight": len(self._busy),
+            "failing": self.failing,
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        timeout = httpx.Timeout(60.0, connect=10.0)
+        client = httpx.AsyncClient(transport=self._transport, timeout=timeout)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                await self._sweep(client, nursery)
+        finally:
+            with trio.CancelScope(shield=True):  # its connections closed, even when cancelled
+                await client.aclose()
+
+    async def _sweep(self, client: httpx.AsyncClient, nursery: trio.Nursery) -> None:
+        """Every study with images due gets one task, which uploads them in order."""
+        while True:
+            due = await self._store.read(self.queue.due, _iso(_now()), BATCH)
+            by_study: dict[str, list[Due]] = defaultdict(list)
+            for entry in due:
+                by_study[entry[0].study_instance_uid].append(entry)
+            for study, entries in by_study.items():
+                if study not in self._busy:
+                    self._busy.add(study)
+                    nursery.start_soon(self._upload_study, client, study, entries)
+            await trio.sleep(SWEEP_INTERVAL_S)
+
+    async def _upload_study(
+        self,
+        client: httpx.AsyncClient,
+        study: str,
+        entries: list[Due],
+    ) -> None:
+        try:
+            async with self._limiter:
+                for instance, attempts, first_tried in entries:  # in the order they arrived
+                    if not await self._upload_one(client, instance, attempts, first_tried):
+                        return  # a retry later: the study's later images wait behind it
+        finally:
+            self._busy.discard(study)
+
+    async def _upload_one(
+        self,
+        client: httpx.AsyncClient,
+        instance: StoredInstance,
+        attempts: int,
+        first_tried: str | None,
+    ) -> bool:
+        """One image's attempt, recorded; False when it is to be retried later."""
+        started = _now()
+        action_id: str | None = None
+        try:
+            action_id = await self._action_of(instance)
+            outcome = await self._send(client, instance, action_id)
+        except Outcome as ended:
+            outcome = ended
+        attempts += 1
+        first = first_tried or _iso(started)
+        if outcome.state == "PENDING":
+            age = (_now() - datetime.datetime.fromisoformat(first)).total_seconds()
+            if age > self._config.upload_retry_days * 86400:
+                outcome = Outcome("FAILED", f"gave up after {attempts} attempts: {outcome.error}")
+        next_at = None
+        if outcome.state == "PENDING":
+            delay = BACKOFF_S[min(attempts - 1, len(BACKOFF_S) - 1)] * random.uniform(0.8, 1.2)
+            next_at = _iso(_now() + datetime.timedelta(seconds=delay))
+        await self._store.write(
+            self.queue.record,
+            instance.sop_instance_uid,
+            outcome.state,
+            action_id=action_id,
+            attempts=attempts,
+            next_attempt_at=next_at,
+            status=outcome.status,
+            error=outcome.error,
+            instance_id=outcome.instance_id,
+            first_tried_at=first,
+        )
+        METRICS.inc("uploads_total", outcome=outcome.state.lower())
+        fields = {
+            "sop_instance_uid": instance.sop_instance_uid,
+            "action_id": action_id,
+            "status": outcome.status,
+            "attempt": attempts,
+        }
+        if outcome.state == "DONE":
+            self.uploaded += 1
+            self.failing = None
+            ms = round((_now() - started).total_seconds() * 1000)
+            log.info("upload.done", ms=ms, **fields)
+        elif outcome.state == "FAILED":
+            log.error("upload.failed", phase="upload", error=outcome.error, **fields)
+        elif outcome.state == "SKIPPED":
+            log.info("upload.skipped", reason=outcome.error, **fields)
+        else:
+            self.failing = outcome.error
+            log.warning(
+                "upload.retrying", phase="upload", error=outcome.error, next_at=next_at, **fields
+            )
+        return outcome.state != "PENDING"
+
+    async def _action_of(self, instance: StoredInstance) -> str:
+        if not instance.accession_number:
+            raise Outcome("SKIPPED", "no Accession Number: no Manage action to upload under")
+        item = await trio.to_thread.run_sync(self._worklist.get, instance.accession_number)
+        action_id = item.source_message_id if item else None
+        if not action_id or action_id.startswith("cli-"):
+            raise Outcome("SKIPPED", "the worklist item was not created by the cloud")
+        if instance.sop_class_uid in NOT_ACCEPTED:
+            raise Outcome(
+                "SKIPPED", f"SOP class {instance.sop_class_uid} is not accepted by Manage"
+            )
+        if instance.file_size > MAX_UPLOAD:
+            raise Outcome("SKIPPED", f"{instance.file_size} bytes: over Manage's 100 MiB")
+        return action_id
+
+    async def _send(
+        self, client: httpx.AsyncClient, instance: StoredInstance, action_id: str
+    ) -> Outcome:
+        url = f"{self._config.api_url.rstrip('/')}/api/v1/dicom/{action_id}"
+        path = self._store.layout.absolute(instance.storage_path)
+        for fresh in (False, True):
+            try:
+                if fresh:
+                    self._tokens.forget(self._config.api_audience)
+                token = await self._tokens.get(self._config.api_audience)
+            except IdentityError as exc:
+                return Outcome("PENDING", f"identity: {exc.reason}")
+            name = f"{instance.sop_instance_uid}.dcm"
+            try:
+                data = await trio.to_thread.run_sync(open, path, "rb")
+                try:  # httpx streams the part from the file in 64 KiB chunks, never whole
+                    response = await client.put(
+                        url,
+                        files={"file": (name, data, "application/dicom")},
+                        headers={"Authorization": f"Bearer {token.token}"},
+                    )
+                finally:
+                    data.close()
+            except OSError as exc:  # the file: missing or unreadable (a scrub will say)
+                return Outcome("PENDING", f"reading the image: {exc}")
+            except httpx.HTTPError as exc:  # timeouts, refused connections, resets
+                return Outcome("PENDING", f"{type(exc).__name__}: {exc}")
+            if response.status_code != 401:
+                break
+        return self._meaning(response)
+
+    @staticmethod
+    def _meaning(response: httpx.Response) -> Outcome:
+        status = response.status_code
+        detail = response.text[:300]
+        if status == 201:
+            outcome = Outcome("DONE", status=status)
+            with contextlib.suppress(ValueError, AttributeError):
+                outcome.instance_id = str(response.json().get("instance_id"))
+            return outcome
+        if status in (400, 403, 422):
+            return Outcome("FAILED", f"HTTP {status}: {detail}", status)
+        if status == 401:
+            return Outcome("PENDING", f"HTTP 401 with a fresh token: {detail}", status)
+        if status == 500 and any(word in detail.lower() for word in PERMANENT_500):
+            return Outcome("FAILED", f"HTTP 500: {detail}", status)
+        return Outcome("PENDING", f"HTTP {status}: {detail}", status)
