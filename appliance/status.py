@@ -264,6 +264,7 @@ def read(
         "images_today": summary["images_today"],
         "pipeline_backlog": summary["pipeline_backlog"],
         "open_studies": summary["open_studies"],
+        "uploads": summary["uploads"],
         "outbox": {"undelivered": undelivered, "oldest_undelivered": oldest},
         "disk": space.as_dict(),
     }
@@ -303,6 +304,12 @@ def render(status: dict[str, Any]) -> str:
         f"images today: {status['images_today']}, pipeline backlog: "
         f"{status['pipeline_backlog']}, open studies: {status['open_studies']}"
     )
+    uploads = status.get("uploads") or {}
+    if uploads:
+        lines.append(
+            "uploads to Manage: "
+            + ", ".join(f"{count} {state}" for state, count in sorted(uploads.items()))
+        )
     outbox = status["outbox"]
     lines.append(
         f"outbox: {outbox['undelivered']} undelivered"

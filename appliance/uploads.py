@@ -134,13 +134,13 @@ class UploadQueue:
             ),
         )
 
-    def counts(self) -> dict[str, int]:
-        rows = self._db.execute("SELECT state, count(*) FROM uploads GROUP BY state").fetchall()
-        return {str(state): int(count) for state, count in rows}
-
-    def rows(self) -> list[dict[str, Any]]:
-        rows = self._db.execute("SELECT * FROM uploads ORDER BY updated_at").fetchall()
-        return [dict(row) for row in rows]
+    def retry_failed(self) -> int:
+        """`appliance outbox retry --all`: failed uploads are tried again now."""
+        return self._db.execute(
+            "UPDATE uploads SET state = 'PENDING', next_attempt_at = ?, updated_at = ?"
+            " WHERE state = 'FAILED'",
+            (_iso(_now()), _iso(_now())),
+        ).rowcount
 
 
 class Outcome(Exception):

@@ -242,3 +242,28 @@ async def test_what_manage_does_not_take_is_not_uploaded_and_says_why(site, nurs
     assert "not created by the cloud" in rows[local.sop_instance_uid]["error"]
     assert site.manage.log == []
     nursery.cancel_scope.cancel()
+
+
+async def test_operators_see_and_retry_failed_uploads(site, nursery, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.support import write_config
+
+    site.item("ACC1")
+    image = site.image("ACC1")
+    site.manage.actions[ACTION] = ManageAction("another-gateway")
+    await nursery.start(site.uploader.run)
+    await site.until(lambda: site.rows().get(image.sop_instance_uid, {}).get("state") == "FAILED")
+    nursery.cancel_scope.cancel()
+    config = write_config(tmp_path)  # state_dir = tmp_path / "state", the site's
+
+    def appliance(*args: str) -> str:
+        command = [sys.executable, "-m", "appliance", "--config", str(config), *args]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+    listing = await trio.to_thread.run_sync(appliance, "outbox", "list")
+    assert f"upload FAILED            {image.sop_instance_uid}  HTTP 403" in listing
+    retried = await trio.to_thread.run_sync(appliance, "outbox", "retry", "--all")
+    assert "1 failed upload(s) will be tried again" in retried
+    assert site.rows()[image.sop_instance_uid]["state"] == "PENDING"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sqlite3
 import sys
 import zoneinfo
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from appliance.config import ConfigError
 from appliance.outbox import Outbox
 from appliance.state import StatePaths, in_use
 from appliance.storage.store import InstanceStore
+from appliance.uploads import UploadQueue
 from appliance.worklist.store import CANCELLED, WorklistError, WorklistItem, WorklistStore
 
 
@@ -190,6 +192,19 @@ def cmd_outbox_list(args: argparse.Namespace) -> int:
             f"{row['occurred_at']}  {row['event_type']:24} {row['event_id']}  "
             f"{row['accession_number'] or '-':16} {delivered}"
         )
+    with store.database.reader() as db:  # image uploads to Manage (cloud profile manage)
+        try:
+            uploads = db.execute(
+                "SELECT * FROM uploads WHERE ? OR state != 'DONE' ORDER BY updated_at", (args.all,)
+            ).fetchall()
+        except sqlite3.OperationalError:  # a database from before uploads
+            uploads = []
+    for row in uploads:
+        status = row["last_status"] or "-"
+        print(
+            f"{row['updated_at']}  upload {row['state']:17} {row['sop_instance_uid']}  "
+            f"HTTP {status} {row['error'] or ''}".rstrip()
+        )
     return 0
 
 
@@ -214,7 +229,18 @@ def cmd_outbox_retry(args: argparse.Namespace) -> int:
         args, "outbox retry", lambda outbox: outbox.retry(None if args.all else args.event_id)
     )
     print(f"outbox retry: {count} event(s) will be sent again")
-    return 0 if count else 1
+    uploads = 0
+    if args.all:
+        paths = StatePaths(load(args).state_dir)
+        store = InstanceStore(paths)
+        with offline(paths, "outbox retry"):
+            store.open()
+            try:
+                uploads = store.database.run_sync(UploadQueue(store.database).retry_failed)
+            finally:
+                store.close()
+        print(f"outbox retry: {uploads} failed upload(s) will be tried again")
+    return 0 if count or uploads else 1
 
 
 def cmd_outbox_purge(args: argparse.Namespace) -> int:

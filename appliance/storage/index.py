@@ -520,6 +520,7 @@ class IndexReader:
             "pipeline_backlog": 0,
             "open_studies": 0,
             "last_image_received": None,
+            "uploads": {},
         }
 
     def summary(self, today: str) -> dict[str, Any]:
@@ -536,12 +537,17 @@ class IndexReader:
                     "SELECT count(*) FROM studies WHERE state = 'OPEN'"
                 ).fetchone()[0]
                 last = db.execute("SELECT max(created_at) FROM stored_instances").fetchone()[0]
+                uploads = dict(
+                    db.execute("SELECT state, count(*) FROM uploads GROUP BY state").fetchall()
+                )
             except sqlite3.OperationalError:  # tables not created yet
                 images = backlog = open_studies = 0
                 last = None
+                uploads = {}
         return {
             "images_today": images,
             "pipeline_backlog": backlog,
             "open_studies": open_studies,
             "last_image_received": last,
+            "uploads": {str(k).lower(): int(v) for k, v in uploads.items()},
         }
