@@ -20,6 +20,7 @@ import http.server
 import io
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -60,6 +61,8 @@ class ManageEmulator:
         self.script: list[int] = []
         #: Tokens issued before this moment are refused as expired (token rotation).
         self.tokens_valid_from = 0
+        #: Each upload is answered this much later (a slow link: uploads in flight).
+        self.delay_s = 0.0
         self._lock = threading.Lock()
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread: threading.Thread | None = None
@@ -179,6 +182,7 @@ class ManageEmulator:
 
             def do_PUT(self) -> None:
                 body = self._body()
+                time.sleep(emulator.delay_s)
                 prefix = "/api/v1/dicom/"
                 if not self.path.startswith(prefix):
                     self._reply("PUT", "", 404, {"detail": "Not Found"})
