@@ -134,6 +134,17 @@ class UploadQueue:
             ),
         )
 
+    def listing(self, include_done: bool) -> list[sqlite3.Row]:
+        """For `appliance outbox list` (any thread): uploads not done, or all."""
+        with self._database.reader() as db:
+            try:
+                return db.execute(
+                    "SELECT * FROM uploads WHERE ? OR state != 'DONE' ORDER BY updated_at",
+                    (include_done,),
+                ).fetchall()
+            except sqlite3.OperationalError:  # a database from before uploads
+                return []
+
     def retry_failed(self) -> int:
         """`appliance outbox retry --all`: failed uploads are tried again now."""
         return self._db.execute(

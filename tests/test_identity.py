@@ -123,7 +123,8 @@ async def test_the_running_appliance_listens_with_its_arc_identity_and_speaks_ma
             "ping_interval_s": 2,
             "ping_timeout_s": 1,
         },
-        "cloud": {"profile": "manage"},
+        # Manage's API is not reached here (no images): its address only has to be configured.
+        "cloud": {"profile": "manage", "api_url": "http://127.0.0.1:9", "api_audience": "api://m"},
     }
     app = ApplianceProcess(write_config(tmp_path, settings), env=entra.environment())
     app.start()

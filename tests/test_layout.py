@@ -16,6 +16,7 @@ SQL_OWNERS = {
     "storage/index.py",
     "worklist/store.py",
     "worklist/mpps.py",
+    "uploads.py",
 }
 
 STATE_NAMES = [

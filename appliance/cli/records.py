@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sqlite3
 import sys
 import zoneinfo
 from collections.abc import Callable
@@ -192,18 +191,12 @@ def cmd_outbox_list(args: argparse.Namespace) -> int:
             f"{row['occurred_at']}  {row['event_type']:24} {row['event_id']}  "
             f"{row['accession_number'] or '-':16} {delivered}"
         )
-    with store.database.reader() as db:  # image uploads to Manage (cloud profile manage)
-        try:
-            uploads = db.execute(
-                "SELECT * FROM uploads WHERE ? OR state != 'DONE' ORDER BY updated_at", (args.all,)
-            ).fetchall()
-        except sqlite3.OperationalError:  # a database from before uploads
-            uploads = []
-    for row in uploads:
-        status = row["last_status"] or "-"
+    # Image uploads to Manage (cloud profile manage).
+    for upload in UploadQueue(store.database).listing(include_done=args.all):
+        status = upload["last_status"] or "-"
         print(
-            f"{row['updated_at']}  upload {row['state']:17} {row['sop_instance_uid']}  "
-            f"HTTP {status} {row['error'] or ''}".rstrip()
+            f"{upload['updated_at']}  upload {upload['state']:17} {upload['sop_instance_uid']}  "
+            f"HTTP {status} {upload['error'] or ''}".rstrip()
         )
     return 0
 
