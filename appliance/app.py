@@ -30,7 +30,7 @@ from appliance.dicom.storage_scp import STORAGE_CONTEXTS, StorageSCP
 from appliance.dicom.worklist_scp import WORKLIST_CONTEXTS, WorklistSCP
 from appliance.identity import RELAY_RESOURCE, EntraTokens, credential_for
 from appliance.log import get_logger
-from appliance.outbox import Outbox
+from appliance.outbox import LocalRecord, Outbox
 from appliance.pipeline.service import ImagePipeline
 from appliance.pipeline.studies import StudyTracker
 from appliance.pipeline.workers import PixelWorkers
@@ -270,7 +270,11 @@ class Appliance:
         # after network_timeout_s. Anything much older belongs to an association that is gone.
         sweeper = SpoolSweeper(self.paths.spool, older_than=max(300, 4 * dicom.network_timeout_s))
         housekeeper = StorageHousekeeper(
-            self.store, self.config.retention, self.floor, worklist=self.worklist
+            self.store,
+            self.config.retention,
+            self.floor,
+            worklist=self.worklist,
+            require_upload=self.config.cloud.profile == "manage",
         )
         actions = self._actions()
         services: list[Service] = [
@@ -284,6 +288,8 @@ class Appliance:
                 key = await trio.to_thread.run_sync(read_secret, relay.key_file, "relay.key_file")
             services += self._relay(actions, key)
         if self.config.cloud.profile == "manage":
+            # No cloud takes events: they are the local record (and retention waits on uploads).
+            services.append(LocalRecord(self.outbox, self.config.relay.delivered_retention_days))
             self.uploader = ImageUploader(
                 self.store, self.worklist, self.config.cloud, self.identity
             )

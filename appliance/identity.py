@@ -29,6 +29,8 @@ from appliance.log import get_logger
 
 log = get_logger("identity")
 
+#: A token request taking longer is given up (and tried again by its caller).
+FETCH_TIMEOUT_S = 30.0
 #: The audience of Entra tokens for Azure Relay (the listener's `sb-hc-token: Bearer <jwt>`).
 RELAY_RESOURCE = "https://relay.azure.net"
 

@@ -25,6 +25,7 @@ import attrs
 import trio
 
 from appliance.db import Database
+from appliance.supervisor import Criticality
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -250,3 +251,36 @@ class Outbox:
             ).rowcount
 
         return sum(database.run_sync(delete, database) for database in self._sources.values())
+
+
+class LocalRecord:
+    """The outbox under a cloud that takes no events (profile manage: images go by HTTPS
+    upload, appliance/uploads.py): events are kept as the local record, marked delivered as
+    they commit (so retention and status do not wait for a consumer that never comes) and
+    purged after the configured days, like delivered events."""
+
+    name = "outbox-local-record"
+    criticality = Criticality.AUXILIARY
+
+    def __init__(self, outbox: Outbox, retention_days: float) -> None:
+        self._outbox = outbox
+        self._retention = retention_days * 86400
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._outbox.listen()
+        task_status.started()
+        next_purge = trio.current_time()
+        while True:
+            while events := await trio.to_thread.run_sync(self._outbox.pending, 200):
+                for event in events:
+                    await trio.to_thread.run_sync(self._outbox.delivered, event)
+            if trio.current_time() >= next_purge:
+                cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(
+                    seconds=self._retention
+                )
+                await trio.to_thread.run_sync(
+                    self._outbox.purge, cutoff.isoformat(timespec="milliseconds")
+                )
+                next_purge = trio.current_time() + 3600
+            with trio.move_on_after(60):
+                await self._outbox.wait_for_events()

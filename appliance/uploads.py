@@ -49,8 +49,9 @@ log = get_logger("uploads")
 MAX_UPLOAD = 100 * 1024 * 1024
 #: Breast tomosynthesis (and its projections): Manage does not take them.
 NOT_ACCEPTED = {"1.2.840.10008.5.1.4.1.1.13.1.3", "1.2.840.10008.5.1.4.1.1.13.1.4"}
-#: Manage's 500s that say the image or the exam is wrong, not the server.
-PERMANENT_500 = ("laterality", "view", "another action", "patientid")
+#: Manage's 500s that say the image or the exam is wrong, not the server: phrases of its
+#: problem `detail` (never of an HTML error page, which says nothing of the image).
+PERMANENT_500 = ("laterality", "view position", "another action", "patientid")
 BACKOFF_S = (5.0, 15.0, 60.0, 300.0, 900.0)
 SWEEP_INTERVAL_S = 2.0
 BATCH = 200
@@ -87,8 +88,12 @@ class UploadQueue:
             " LEFT JOIN uploads u ON u.sop_instance_uid = s.sop_instance_uid"
             " WHERE s.status = 'STORED' AND (u.sop_instance_uid IS NULL"
             " OR (u.state = 'PENDING' AND u.next_attempt_at <= ?))"
+            # A study waiting out an image's backoff sends nothing later than it: its order holds.
+            " AND s.study_instance_uid NOT IN (SELECT w.study_instance_uid FROM uploads b"
+            " JOIN stored_instances w ON w.sop_instance_uid = b.sop_instance_uid"
+            " WHERE b.state = 'PENDING' AND b.next_attempt_at > ?)"
             " ORDER BY s.created_at LIMIT ?",
-            (now, limit),
+            (now, now, limit),
         ).fetchall()
         found = []
         for row in rows:
@@ -340,16 +345,20 @@ class ImageUploader:
     @staticmethod
     def _meaning(response: httpx.Response) -> Outcome:
         status = response.status_code
-        detail = response.text[:300]
-        if status == 201:
+        body: Any = None
+        with contextlib.suppress(ValueError):
+            body = response.json()
+        problem = str(body.get("detail", "")) if isinstance(body, dict) else ""
+        text = (problem or response.text)[:300]
+        if 200 <= status < 300:  # 201 is Manage's; any success is one
             outcome = Outcome("DONE", status=status)
-            with contextlib.suppress(ValueError, AttributeError):
-                outcome.instance_id = str(response.json().get("instance_id"))
+            if isinstance(body, dict) and body.get("instance_id"):
+                outcome.instance_id = str(body["instance_id"])
             return outcome
-        if status in (400, 403, 422):
-            return Outcome("FAILED", f"HTTP {status}: {detail}", status)
+        if status in (400, 403, 413, 422):
+            return Outcome("FAILED", f"HTTP {status}: {text}", status)
         if status == 401:
-            return Outcome("PENDING", f"HTTP 401 with a fresh token: {detail}", status)
-        if status == 500 and any(word in detail.lower() for word in PERMANENT_500):
-            return Outcome("FAILED", f"HTTP 500: {detail}", status)
-        return Outcome("PENDING", f"HTTP {status}: {detail}", status)
+            return Outcome("PENDING", f"HTTP 401 with a fresh token: {text}", status)
+        if status == 500 and any(phrase in problem.lower() for phrase in PERMANENT_500):
+            return Outcome("FAILED", f"HTTP 500: {text}", status)
+        return Outcome("PENDING", f"HTTP {status}: {text}", status)

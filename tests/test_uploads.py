@@ -267,3 +267,38 @@ async def test_operators_see_and_retry_failed_uploads(site, nursery, tmp_path):
     retried = await trio.to_thread.run_sync(appliance, "outbox", "retry", "--all")
     assert "1 failed upload(s) will be tried again" in retried
     assert site.rows()[image.sop_instance_uid]["state"] == "PENDING"
+
+
+async def test_a_study_keeps_its_order_while_one_image_backs_off(site, nursery):
+    site.item("ACC1")
+    images = [site.image("ACC1") for _ in range(3)]
+    site.manage.script = [503]  # the first image's first try
+    await nursery.start(site.uploader.run)
+    await site.until(lambda: [r["state"] for r in site.rows().values()].count("DONE") == 3)
+    assert [sop for _action, sop in site.manage.instances] == [i.sop_instance_uid for i in images]
+    nursery.cancel_scope.cancel()
+
+
+async def test_retention_under_manage_takes_only_what_has_a_final_upload_outcome(site):
+    from appliance.outbox import Outbox
+
+    site.item("ACC1")
+    never, waiting, done = (site.image("ACC1") for _ in range(3))
+    for image in (never, waiting, done):
+        await site.store.write(site.store.index.finish, image, "DONE", "image.received", {}, None)
+    outbox = Outbox({"images": site.store.database})
+    for event in await trio.to_thread.run_sync(outbox.pending, 10):  # as LocalRecord does
+        await trio.to_thread.run_sync(outbox.delivered, event)
+    later = "2100-01-01T00:00:00.000+00:00"
+    await site.store.write(
+        site.uploader.queue.record, waiting.sop_instance_uid, "PENDING", next_attempt_at=later
+    )
+    await site.store.write(site.uploader.queue.record, done.sop_instance_uid, "DONE")
+
+    def candidates(require_upload: bool) -> list[str]:
+        found = site.store.reader.retention_candidates(later, False, 10, require_upload)
+        return sorted(c.sop_instance_uid for c in found)
+
+    assert candidates(True) == [done.sop_instance_uid]
+    # Without uploads in play, only the waiting upload is kept back.
+    assert candidates(False) == sorted([never.sop_instance_uid, done.sop_instance_uid])

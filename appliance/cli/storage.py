@@ -81,7 +81,9 @@ def cmd_retention(args: argparse.Namespace) -> int:
         )
     store = InstanceStore(paths)
     floor = DiskFloor(paths.state_dir, config.dicom.storage.min_free_mb * 1024 * 1024)
-    housekeeper = StorageHousekeeper(store, config.retention, floor)
+    housekeeper = StorageHousekeeper(
+        store, config.retention, floor, require_upload=config.cloud.profile == "manage"
+    )
     printer = ProgressPrinter(lambda line: say(line.replace("fsck: ", "")))
     run_pass = partial(housekeeper.retention_pass, args.dry_run, printer)
     if args.dry_run:

@@ -109,6 +109,7 @@ CREATE TABLE IF NOT EXISTS uploads (
     first_tried_at   TEXT,
     updated_at       TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS uploads_waiting ON uploads (state, next_attempt_at);
 """
 )
 
@@ -187,7 +188,11 @@ class StudyState:
 
 
 def _retention_candidates(
-    db: sqlite3.Connection, stored_before: str, require_release: bool, limit: int
+    db: sqlite3.Connection,
+    stored_before: str,
+    require_release: bool,
+    limit: int,
+    require_upload: bool = False,
 ) -> list[StoredInstance]:
     """Images retention may delete, oldest first: stored before the cut-off, processed, and
     with no image event still waiting for the cloud's ack (delivered events may have been
@@ -199,7 +204,15 @@ def _retention_candidates(
         + (released if require_release else "")
         + f" AND NOT {outbox.IMAGE_EVENT_UNDELIVERED}"
         " AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.sop_instance_uid = s.sop_instance_uid"
-        " AND u.state = 'PENDING'))"
+        " AND u.state = 'PENDING')"
+        + (
+            # Uploads to Manage: only what has a final outcome (done, failed, skipped) goes.
+            " AND EXISTS (SELECT 1 FROM uploads u WHERE u.sop_instance_uid = s.sop_instance_uid"
+            " AND u.state != 'PENDING')"
+            if require_upload
+            else ""
+        )
+        + ")"
         " ORDER BY status != 'DELETING', created_at LIMIT ?",
         (stored_before, limit),
     ).fetchall()
@@ -281,9 +294,11 @@ class Index:
         )
 
     def retention_candidates(
-        self, stored_before: str, require_release: bool, limit: int
+        self, stored_before: str, require_release: bool, limit: int, require_upload: bool = False
     ) -> list[StoredInstance]:
-        return _retention_candidates(self._db, stored_before, require_release, limit)
+        return _retention_candidates(
+            self._db, stored_before, require_release, limit, require_upload
+        )
 
     def set_status(self, sop_instance_uid: str, status: str) -> None:
         self._db.execute(
@@ -505,10 +520,10 @@ class IndexReader:
         return StudyState(**dict(row)) if row else None
 
     def retention_candidates(
-        self, stored_before: str, require_release: bool, limit: int
+        self, stored_before: str, require_release: bool, limit: int, require_upload: bool = False
     ) -> list[StoredInstance]:
         with self._database.reader() as db:
-            return _retention_candidates(db, stored_before, require_release, limit)
+            return _retention_candidates(db, stored_before, require_release, limit, require_upload)
 
     def all_instances(self) -> list[StoredInstance]:
         return [StoredInstance(**dict(row)) for row in self.select("1")]

@@ -52,7 +52,10 @@ class StorageHousekeeper:
         floor: DiskFloor,
         now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
         worklist: WorklistStore | None = None,
+        require_upload: bool = False,
     ) -> None:
+        #: Images go to Manage by upload (profile manage): only those with a final outcome go.
+        self._require_upload = require_upload
         self._store = store
         self._worklist = worklist
         self._config = config
@@ -80,6 +83,7 @@ class StorageHousekeeper:
                     self.cutoff(),
                     self._config.require_commit_or_fetch,
                     10**9,
+                    self._require_upload,
                 )
             else:
                 batch = await self._store.read(
@@ -87,6 +91,7 @@ class StorageHousekeeper:
                     self.cutoff(),
                     self._config.require_commit_or_fetch,
                     BATCH,
+                    self._require_upload,
                 )
             if not batch:
                 break
