@@ -131,6 +131,10 @@ class Appliance:
             studies=self.studies,
             relay=lambda: (self.relay_listener, self.relay_sender),
             dicom_host=config.dicom.host,
+            cloud=lambda: {
+                "identity": self.identity if self._entra_in_use() else None,
+                "image-uploads": self.uploader,
+            },
         )
 
     def _server(
@@ -205,6 +209,11 @@ class Appliance:
             tokens=tokens,
         )
         return [self.relay_listener, self.relay_sender]
+
+    def _entra_in_use(self) -> bool:
+        return (
+            self.config.relay.enabled and self.config.relay.auth == "entra"
+        ) or self.config.cloud.profile == "manage"
 
     def _describe(self) -> str:
         servers = (self.storage_server, self.worklist_server)

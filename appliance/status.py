@@ -71,7 +71,10 @@ class StatusReporter:
         studies: Reporting,
         relay: Callable[[], tuple[Reporting | None, Reporting | None]],
         dicom_host: str,
+        cloud: Callable[[], dict[str, Reporting | None]] = dict,
     ) -> None:
+        #: The cloud's side-matters reporting their own trouble: identity, image uploads.
+        self._cloud = cloud
         self._paths = paths
         self._metrics_file = metrics_file
         self._floor = floor
@@ -108,8 +111,12 @@ class StatusReporter:
             "associations": sum(server.active_associations() for server in servers.values()),
             "pipeline": self._pipeline.statistics(),
             "relay": self._relay_statistics(),
+            "cloud": self._cloud_statistics(),
             "disk_refusals": self._floor.statistics(),
         }
+
+    def _cloud_statistics(self) -> dict[str, Any]:
+        return {name: part.statistics() for name, part in self._cloud().items() if part}
 
     async def health(self) -> dict[str, Any]:
         """Real checks, for the cloud's `health` action and operators."""
@@ -123,6 +130,7 @@ class StatusReporter:
         checks["outbox"] = {"undelivered": undelivered, "oldest_undelivered": oldest}
         checks["last_image_received"] = await self._store.read(self._store.index.last_received)
         checks["relay"] = self._relay_statistics() or {"enabled": False}
+        checks.update(self._cloud_statistics())
         checks["pipeline"] = self._pipeline.statistics()
         checks["studies"] = self._studies.statistics()
         services = {name: attrs.asdict(state) for name, state in self._services().items()}
@@ -148,6 +156,9 @@ class StatusReporter:
                 names.add(getattr(client, "name", "relay"))
         if self._pipeline.statistics().get("failing"):
             names.add("image-pipeline")
+        for name, statistics in self._cloud_statistics().items():
+            if statistics.get("failing"):
+                names.add(name)
         if self._failing:
             names.add(self.name)
         return sorted(names)
@@ -322,6 +333,9 @@ def render(status: dict[str, Any]) -> str:
             f"{workers['waiting']} waiting, {workers['jobs']} images, {workers['lost']} lost "
             f"(killed or died), peak {workers['peak_rss_mb']} MB each"
         )
+    for name, statistics in (status.get("cloud") or {}).items():
+        if statistics.get("failing"):
+            lines.append(f"{name}: FAILING: {statistics['failing']}")
     failing = (status.get("pipeline") or {}).get("failing")
     if failing:
         lines.append(f"pipeline: FAILING to record outcomes (images wait): {failing}")

@@ -148,3 +148,44 @@ async def test_the_running_appliance_listens_with_its_arc_identity_and_speaks_ma
     assert health["health"]["listener_uptime_seconds"] >= 0
     assert emulator.refusals == []
     assert entra.challenges >= 1  # the token came through Arc's challenge flow
+
+
+@pytest.mark.system
+async def test_an_identity_failure_is_shown_by_status_with_its_reason(tmp_path, nursery):
+    """Arc's endpoint down: the listener cannot get a token; `appliance status` says so."""
+    import subprocess
+    import sys
+
+    from tests.support import ApplianceProcess, write_config
+
+    emulator = await nursery.start(RelayEmulator({}, namespace="site.servicebus.windows.net").run)
+    settings = {
+        "relay": {
+            "enabled": True,
+            "auth": "entra",
+            "namespace": emulator.namespace,
+            "endpoint": emulator.endpoint,
+        }
+    }
+    config = write_config(tmp_path, settings)
+    unreachable = {
+        "IDENTITY_ENDPOINT": "http://127.0.0.1:9/metadata/identity/oauth2/token",
+        "IMDS_ENDPOINT": "http://127.0.0.1:9",
+    }
+    app = ApplianceProcess(config, env=unreachable)
+    app.start()
+    try:
+        await trio.to_thread.run_sync(app.wait_ready)
+
+        def status() -> str:
+            command = [sys.executable, "-m", "appliance", "--config", str(config), "status"]
+            return subprocess.run(command, capture_output=True, text=True).stdout
+
+        wanted = "identity: FAILING: endpoint unreachable"
+        with trio.fail_after(60):
+            while wanted not in await trio.to_thread.run_sync(status):  # noqa: ASYNC110 (a file)
+                await trio.sleep(0.5)
+    finally:
+        await trio.to_thread.run_sync(app.stop)
+        app.__exit__()
+    assert "event=identity.failed" in app.log()
