@@ -97,6 +97,16 @@ async def test_the_namespace_refuses_a_bearer_token_of_another_identity(entra):
         nursery.cancel_scope.cancel()
 
 
+def entra_relay(emulator: RelayEmulator) -> dict:
+    """The relay settings of a gateway that authenticates with its Entra identity."""
+    return {
+        "enabled": True,
+        "auth": "entra",
+        "namespace": emulator.namespace,
+        "endpoint": emulator.endpoint,
+    }
+
+
 @pytest.mark.system
 async def test_the_running_appliance_listens_with_its_arc_identity_and_speaks_manage(
     entra, tmp_path, nursery
@@ -115,14 +125,7 @@ async def test_the_running_appliance_listens_with_its_arc_identity_and_speaks_ma
         ).run
     )
     settings = {
-        "relay": {
-            "enabled": True,
-            "auth": "entra",
-            "namespace": emulator.namespace,
-            "endpoint": emulator.endpoint,
-            "ping_interval_s": 2,
-            "ping_timeout_s": 1,
-        },
+        "relay": entra_relay(emulator) | {"ping_interval_s": 2, "ping_timeout_s": 1},
         # Manage's API is not reached here (no images): its address only has to be configured.
         "cloud": {"profile": "manage", "api_url": "http://127.0.0.1:9", "api_audience": "api://m"},
     }
@@ -159,15 +162,7 @@ async def test_an_identity_failure_is_shown_by_status_with_its_reason(tmp_path, 
     from tests.support import ApplianceProcess, write_config
 
     emulator = await nursery.start(RelayEmulator({}, namespace="site.servicebus.windows.net").run)
-    settings = {
-        "relay": {
-            "enabled": True,
-            "auth": "entra",
-            "namespace": emulator.namespace,
-            "endpoint": emulator.endpoint,
-        }
-    }
-    config = write_config(tmp_path, settings)
+    config = write_config(tmp_path, {"relay": entra_relay(emulator)})
     unreachable = {
         "IDENTITY_ENDPOINT": "http://127.0.0.1:9/metadata/identity/oauth2/token",
         "IMDS_ENDPOINT": "http://127.0.0.1:9",
