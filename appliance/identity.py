@@ -17,6 +17,7 @@ shown by `appliance status` and `health`.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -48,7 +49,7 @@ class IdentityError(Exception):
 class Credential(Protocol):
     """azure-identity's TokenCredential, as far as this module uses it."""
 
-    def get_token(self, *scopes: str) -> Any: ...
+    def get_token(self, *scopes: str, claims: str | None = None) -> Any: ...
 
 
 @frozen
@@ -98,6 +99,7 @@ class EntraTokens:
         self._margin = refresh_margin_s
         self._clock = clock
         self._cache: dict[str, AccessToken] = {}
+        self._refused: set[str] = set()
         self._lock = trio.Lock()
         self.fetched = 0
         #: Why the last attempt failed (status and health show it), or None.
@@ -126,10 +128,20 @@ class EntraTokens:
             cached = self._fresh(resource)
             if cached is not None:
                 return cached
+            # A token we held and let go (stale, or refused): the library's own cache would
+            # hand the same one back, so it is asked past its cache.
+            renewing = resource in self._cache or resource in self._refused
             try:
-                token = await trio.to_thread.run_sync(self._fetch, resource, abandon_on_cancel=True)
+                with trio.fail_after(FETCH_TIMEOUT_S):  # azure-identity retries for minutes
+                    token = await trio.to_thread.run_sync(
+                        self._fetch, resource, renewing, abandon_on_cancel=True
+                    )
             except Exception as exc:
-                reason = reason_for(exc)
+                reason = (
+                    f"endpoint unreachable: no token within {FETCH_TIMEOUT_S:g} s"
+                    if isinstance(exc, trio.TooSlowError)
+                    else reason_for(exc)
+                )
                 if self.failing != reason:  # one event per change, not per retry
                     log.error("identity.failed", phase="identity", resource=resource, error=reason)
                 self.failing = reason
@@ -139,11 +151,13 @@ class EntraTokens:
             self.failing = None
             self.fetched += 1
             self._cache[resource] = token
+            self._refused.discard(resource)
             return token
 
     def forget(self, resource: str) -> None:
         """Drop the cached token: the service refused it (revoked, rotated keys)."""
         self._cache.pop(resource, None)
+        self._refused.add(resource)
 
     def bearer(self, resource: str) -> Callable[[], Awaitable[tuple[str, float]]]:
         """A token source for `resource` in the `Bearer <jwt>` form Azure Relay takes as its
@@ -155,10 +169,17 @@ class EntraTokens:
 
         return source
 
-    def _fetch(self, resource: str) -> AccessToken:
+    def _fetch(self, resource: str, past_the_cache: bool) -> AccessToken:
         if self._credential is None:
             self._credential = self._make_credential()
-        found = self._credential.get_token(resource.rstrip("/") + "/.default")
+        scope = resource.rstrip("/") + "/.default"
+        if past_the_cache:  # a claims challenge makes MSAL skip its token cache
+            claims = json.dumps(
+                {"access_token": {"nbf": {"essential": True, "value": str(int(time.time()))}}}
+            )
+            found = self._credential.get_token(scope, claims=claims)
+        else:
+            found = self._credential.get_token(scope)
         return AccessToken(str(found.token), float(found.expires_on))
 
 

@@ -184,3 +184,28 @@ async def test_an_identity_failure_is_shown_by_status_with_its_reason(tmp_path, 
         await trio.to_thread.run_sync(app.stop)
         app.__exit__()
     assert "event=identity.failed" in app.log()
+
+
+async def test_renewal_sends_only_a_token_that_lasts_longer(autojump_clock):
+    """An identity's cache may return the token in use until close to its expiry: the listener
+    waits for a newer one instead of renewing with the same (the NHS gateway's gap at token
+    refresh)."""
+    sent: list[str] = []
+
+    class Control:
+        async def send_message(self, text: str) -> None:
+            sent.append(json.loads(text)["renewToken"]["token"])
+
+    async def tokens() -> tuple[str, float]:
+        now = trio.current_time()
+        # The same token until 60 s before it expires at 1000, then a new one.
+        return ("Bearer old", 1000.0) if now < 940 else ("Bearer new", 4600.0)
+
+    endpoint = RelayEndpoint("ws://unused", "ns", "actions", "", b"")
+    listener = RelayListener(
+        name="gw", endpoint=endpoint, handle=None, clock=trio.current_time, tokens=tokens
+    )
+    with trio.move_on_after(1000 - trio.current_time() - 1):
+        await listener._renew(Control(), 1000.0)  # the channel opened with the old token
+    assert sent == ["Bearer new"]
+    assert trio.current_time() < 1000

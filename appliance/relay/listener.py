@@ -34,6 +34,9 @@ from appliance.relay.websocket import open_websocket
 
 log = get_logger("relay")
 
+#: While only the token in use comes back, renewal is tried again this often (at most).
+RENEW_RETRY_S = 30.0
+
 
 class RelayListener(RelayClient):
     def __init__(
@@ -161,19 +164,30 @@ class RelayListener(RelayClient):
                 return
 
     async def _renew(self, control: WebSocketConnection, expiry: float) -> None:
+        """Renew the channel's token before it expires. Only a token that lasts longer is sent:
+        an identity's cache may hand back the one in use until close to its expiry, so until a
+        newer one comes, it is asked again every so often (never later than half of what is
+        left)."""
+        wait = max((expiry - self._clock()) * 0.8, 0.05)  # 80 % of the lifetime: time to retry
         while True:
-            # Renew when 80% of the lifetime has passed: ample time for one more try.
-            await trio.sleep(max((expiry - self._clock()) * 0.8, 0.05))
+            await trio.sleep(wait)
             try:
-                token, expiry = await self._token()
-                await control.send_message(json.dumps({"renewToken": {"token": token}}))
-                self.renewals += 1
-                log.info("relay.token_renewed", listener=self.name)
+                token, renewed = await self._token()
             except IdentityError as exc:  # try again soon: the current token still holds
                 self._failed("identity", exc.reason)
-                expiry = self._clock() + max((expiry - self._clock()) * 0.5, 1.0)
+                wait = max(min((expiry - self._clock()) * 0.5, RENEW_RETRY_S), 0.05)
+                continue
+            if renewed <= expiry:  # the same token again: nothing to renew with yet
+                wait = max(min((expiry - self._clock()) * 0.5, RENEW_RETRY_S), 0.05)
+                continue
+            try:
+                await control.send_message(json.dumps({"renewToken": {"token": token}}))
             except ConnectionClosed:
                 return
+            expiry = renewed
+            self.renewals += 1
+            log.info("relay.token_renewed", listener=self.name)
+            wait = max((expiry - self._clock()) * 0.8, 0.05)
 
     async def _accept(self, accept: dict[str, Any]) -> None:
         address = accept.get("address")
