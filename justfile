@@ -86,5 +86,5 @@ chaos *ARGS: bootstrap
     {{bin}}/python -m tests.chaos {{ARGS}}
 
 # The whole round trip with real processes: relay emulator, appliance, cloud, a simulated unit
-demo: bootstrap
-    {{bin}}/python -m appliance.testing.demo
+demo *ARGS: bootstrap
+    {{bin}}/python -m appliance.testing.{{ if ARGS == "--profile manage" { "demo_manage" } else { "demo" } }}

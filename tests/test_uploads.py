@@ -34,9 +34,12 @@ class Tenant:
     def __init__(self, entra: EntraEmulator) -> None:
         self.entra = entra
         self.issued = 0
+        #: Requests made past the library's token cache (a claims challenge).
+        self.past_the_cache = 0
 
-    def get_token(self, *scopes: str) -> AccessToken:
+    def get_token(self, *scopes: str, claims: str | None = None) -> AccessToken:
         self.issued += 1
+        self.past_the_cache += claims is not None
         resource = scopes[0].removesuffix("/.default")
         return AccessToken(self.entra.token(resource), int(time.time()) + 3600)
 
@@ -166,6 +169,7 @@ async def test_a_refused_token_is_renewed_and_the_upload_goes_through(site, nurs
     await site.until(lambda: site.rows().get(image.sop_instance_uid, {}).get("state") == "DONE")
     assert [status for method, _a, status in site.manage.log if method == "PUT"] == [401, 201]
     assert site.tenant.issued == 2
+    assert site.tenant.past_the_cache == 1  # the refused token is not handed back from cache
     nursery.cancel_scope.cancel()
 
 
