@@ -6,20 +6,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tests.bench import pipeline, retrieve, storage, worklist
+from tests.bench import pipeline, retrieve, storage, uploads, worklist
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="just bench", description=__doc__)
     parser.add_argument(
-        "suites", nargs="*", help="storage, worklist, pipeline, retrieve (default: all)"
+        "suites", nargs="*", help="storage, worklist, pipeline, retrieve, uploads (default: all)"
     )
     parser.add_argument("--studies", type=int, default=4, help="FFDM studies (4 views, 27 MB each)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best is kept")
     parser.add_argument("--queries", type=int, default=40, help="timed C-FIND queries per case")
     parser.add_argument("--renders", type=int, default=20, help="timed renders per case")
     args = parser.parse_args()
-    every = ["storage", "worklist", "pipeline", "retrieve"]
+    every = ["storage", "worklist", "pipeline", "retrieve", "uploads"]
     suites = args.suites or every
     unknown = set(suites) - set(every)
     if unknown:
@@ -33,6 +33,8 @@ def main() -> None:
         pipeline.main(args.renders)
     if "retrieve" in suites:
         retrieve.main(args.rounds)
+    if "uploads" in suites:
+        uploads.main(args.rounds)
 
 
 main()

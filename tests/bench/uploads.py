@@ -1,0 +1,101 @@
+"""Uploads to Manage (profile manage): four modalities send a four-view FFDM study each at
+once; how long from each image's C-STORE response (its index row) to Manage's 201, and the
+upload throughput, against the Manage API emulator on this machine (one fresh appliance per
+round). What a clinic session looks like to Manage is printed too: the requests it answered."""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import sqlite3
+import statistics
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from appliance.state import StatePaths
+from appliance.testing.entra import EntraEmulator
+from appliance.testing.manage import ManageAction, ManageEmulator
+from appliance.worklist.store import WorklistItem, WorklistStore
+from tests.bench.storage import send, studies
+from tests.support import ApplianceProcess, write_config
+
+AUDIENCE = "api://manage-bench"
+
+
+def _p(values: list[float], p: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[p - 1]
+
+
+def _latencies(state: Path) -> list[float]:
+    with sqlite3.connect(f"file:{state / 'pacs.db'}?mode=ro", uri=True) as db:
+        rows = db.execute(
+            "SELECT s.created_at, u.updated_at FROM uploads u JOIN stored_instances s"
+            " ON s.sop_instance_uid = u.sop_instance_uid WHERE u.state = 'DONE'"
+        ).fetchall()
+    parse = datetime.datetime.fromisoformat
+    return [(parse(done) - parse(stored)).total_seconds() * 1000 for stored, done in rows]
+
+
+def one_round(all_studies: list[list[Path]], workdir: Path) -> tuple[list[float], float, Counter]:
+    directory = Path(tempfile.mkdtemp(dir=workdir))
+    state = directory / "state"
+    state.mkdir()
+    with EntraEmulator().running() as entra:
+        manage = ManageEmulator(entra.jwks(), entra.issuer, AUDIENCE)
+        worklist = WorklistStore(StatePaths(state))
+        worklist.open()
+        now = datetime.datetime.now(datetime.UTC)
+        for study in all_studies:
+            accession = f"BENCH{int(study[0].parent.name.split('-')[1]):04d}"  # studies()' own
+            action = f"action-{accession}"
+            worklist.create(
+                WorklistItem(accession, "9990000001", "BENCH^UP", now, source_message_id=action)
+            )
+            manage.actions[action] = ManageAction(gateway_oid=entra.oid)
+        worklist.close()
+        settings = {"cloud": {"profile": "manage", "api_url": manage.url, "api_audience": AUDIENCE}}
+        with (
+            manage.running(),
+            ApplianceProcess(write_config(directory, settings), env=entra.environment()) as app,
+        ):
+            started = time.perf_counter()
+            send(app.ports["storage"], "SCREENING_PACS", all_studies)  # one association each
+            expected = sum(map(len, all_studies))
+            deadline = time.monotonic() + 300
+            while len(manage.uploads(201)) < expected and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seconds = time.perf_counter() - started
+            latencies = _latencies(state)
+        seen = Counter(f"{method} {status}" for method, _action, status in manage.log)
+    shutil.rmtree(directory, ignore_errors=True)
+    megabytes = sum(p.stat().st_size for s in all_studies for p in s) / 1e6
+    return latencies, megabytes / seconds, seen
+
+
+def main(rounds: int) -> None:
+    root = Path.cwd() / "var"
+    cache = root / "bench-data"
+    cache.mkdir(parents=True, exist_ok=True)
+    all_studies = studies(cache, 4)
+    workdir = Path(tempfile.mkdtemp(dir=root, prefix="bench-uploads-"))
+    latencies: list[float] = []
+    rates: list[float] = []
+    seen: Counter = Counter()
+    try:
+        for _ in range(rounds):
+            found, rate, answered = one_round(all_studies, workdir)
+            latencies += found
+            rates.append(rate)
+            seen = answered
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(
+        f"\nuploads bench: 4 modalities x 4 FFDM (27 MB each) at once, {rounds} rounds,"
+        f" Manage emulator on this machine"
+        f"\n  stored -> 201: n={len(latencies)} p50 {_p(latencies, 50):.0f} ms,"
+        f" p95 {_p(latencies, 95):.0f} ms"
+        f"\n  C-STORE start -> last 201: {statistics.median(rates):.0f} MB/s (median of rounds)"
+        f"\n  what Manage answered in the last round: {dict(seen)}"
+    )
