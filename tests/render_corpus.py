@@ -262,6 +262,9 @@ class Case:
     encoder: tuple[str, object]
     #: "dcmtk" (dcm2pnm renders the file) or "c11" (the reference above, on OpenJPEG's pixels)
     reference: str
+    #: Bits Stored the encoded file's header claims, when it differs from the samples' (a
+    #: field mismatch: e.g. 14-bit samples in a precision-14 codestream, the header saying 16).
+    claimed_bits_stored: int | None = None
 
 
 CASES = [
@@ -317,7 +320,13 @@ CASES = [
     ),
     Case("j2k-12-bit-precision-12", vendor_image, ("opj", 12), "c11"),
     Case("j2k-bits-stored-12-precision-16", vendor_image, ("opj", 16), "c11"),
-    Case("j2k-bits-stored-16-precision-14", lambda: vendor_image(bits=14), ("opj", 14), "c11"),
+    Case(
+        "j2k-bits-stored-16-precision-14",
+        lambda: vendor_image(bits=14),
+        ("opj", 14),
+        "c11",
+        claimed_bits_stored=16,
+    ),
     Case("j2k-signed-16-bit", lambda: vendor_image(bits=16, signed=True), ("opj", 16), "c11"),
     # A signed codestream under an unsigned header (the sign bit of SIZ set, values positive).
     Case("j2k-signed-codestream-unsigned-header", vendor_image, ("opj", (16, True, 0)), "c11"),
@@ -346,13 +355,12 @@ def make(case: Case, workdir: Path) -> tuple[Path, Dataset]:
     precision, signed, levels = argument if isinstance(argument, tuple) else (argument, None, None)
     assert isinstance(precision, int)
     encoded = opj_encode(ds, target, precision, signed=signed, levels=levels)
-    if case.name == "j2k-bits-stored-16-precision-14":
-        # The field's mismatch: 14-bit samples in a codestream of precision 14, while the
-        # header claims 16 bits stored.
+    if case.claimed_bits_stored is not None:
+        bits = case.claimed_bits_stored
         patched = pydicom.dcmread(encoded)
-        patched.BitsStored, patched.HighBit = 16, 15
+        patched.BitsStored, patched.HighBit = bits, bits - 1
         save(patched, encoded)
-        ds.BitsStored, ds.HighBit = 16, 15
+        ds.BitsStored, ds.HighBit = bits, bits - 1
     return encoded, ds
 
 

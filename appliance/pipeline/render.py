@@ -129,8 +129,8 @@ def decode(
             reduced = _jpeg2000_reduced(path, header, height)
             if reduced is not None:
                 return _area_reduce(reduced, height)
-        frames = int(header.get("NumberOfFrames") or 1)
-        pixels = pixel_array(path, index=frames // 2 if frames > 1 else None)
+        multi_frame = int(header.get("NumberOfFrames") or 1) > 1
+        pixels = pixel_array(path, index=central_frame(header) if multi_frame else None)
     except Exception as exc:  # codecs raise anything: ValueError, RuntimeError, OSError ...
         raise RenderError("decode", f"{type(exc).__name__}: {exc}") from exc
     if pixels.ndim == 3 and int(header.get("SamplesPerPixel", 1)) == 1:
@@ -282,12 +282,11 @@ def render(
         return None
     tallest = max(r.height for r in renditions)
     pixels = decode(path, header, tallest, decoded)
-    frames = int(header.get("NumberOfFrames") or 1)
     try:
         if pixels.ndim == 3:  # colour (e.g. secondary capture): pydicom already gave RGB
             image = Image.fromarray(np.asarray(pixels, dtype=np.uint8))
         else:
-            grey = display(pixels, frame_header(header, frames // 2 if frames > 1 else 0))
+            grey = display(pixels, frame_header(header, central_frame(header)))
             levels = (grey * 255.0 + 0.5).astype(np.uint8)
             image = Image.fromarray(levels)
     except Exception as exc:

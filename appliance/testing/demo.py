@@ -47,6 +47,19 @@ def _wait_for_port(port: int, timeout: float = 30) -> None:
     raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
 
 
+def dicom_config(work: Path, storage_port: int, worklist_port: int) -> str:
+    """The demos' config up to the cloud's sections: state under `work`, DICOM on loopback."""
+    return f"""state_dir = "{work / "state"}"
+[dicom]
+host = "127.0.0.1"
+[dicom.storage]
+port = {storage_port}
+min_free_mb = 0
+[dicom.worklist]
+port = {worklist_port}
+"""
+
+
 def step(text: str) -> None:
     print(f"[demo] {text}", flush=True)
 
@@ -56,15 +69,9 @@ def main() -> int:
     relay_port, storage_port, worklist_port = _free_port(), _free_port(), _free_port()
     (work / "relay.key").write_text("demo-relay-key\n")
     config = work / "appliance.toml"
-    config.write_text(f"""state_dir = "{work / "state"}"
-[dicom]
-host = "127.0.0.1"
-[dicom.storage]
-port = {storage_port}
-min_free_mb = 0
-[dicom.worklist]
-port = {worklist_port}
-[relay]
+    config.write_text(
+        dicom_config(work, storage_port, worklist_port)
+        + f"""[relay]
 enabled = true
 namespace = "127.0.0.1:{relay_port}"
 endpoint = "ws://127.0.0.1:{relay_port}"
@@ -72,7 +79,8 @@ key_file = "{work / "relay.key"}"
 appliance_id = "demo-site"
 ping_interval_s = 5
 ping_timeout_s = 2
-""")
+"""
+    )
     appliance = [sys.executable, "-m", "appliance", "--config", str(config)]
     dev = [sys.executable, "-m", "appliance.testing.dev", "--config", str(config)]
     logs = (work / "emulator.log").open("w"), (work / "appliance.log").open("w")

@@ -26,7 +26,7 @@ import trio
 
 from appliance.relay.endpoint import RelayEndpoint
 from appliance.testing.cloud import send_action
-from appliance.testing.demo import _free_port, _wait_for_port, step
+from appliance.testing.demo import _free_port, _wait_for_port, dicom_config, step
 from appliance.testing.entra import EntraEmulator
 from appliance.testing.manage import ManageAction, ManageEmulator
 from appliance.testing.modality import ModalitySimulator, SimulationError
@@ -61,15 +61,9 @@ def main() -> int:
             step(f"relay namespace on ws://127.0.0.1:{relay_port} (listeners: Entra tokens only)")
             step(f"Manage's API on {manage.url}")
             config = work / "appliance.toml"
-            config.write_text(f"""state_dir = "{work / "state"}"
-[dicom]
-host = "127.0.0.1"
-[dicom.storage]
-port = {storage_port}
-min_free_mb = 0
-[dicom.worklist]
-port = {worklist_port}
-[relay]
+            config.write_text(
+                dicom_config(work, storage_port, worklist_port)
+                + f"""[relay]
 enabled = true
 auth = "entra"
 namespace = "{NAMESPACE}"
@@ -80,7 +74,8 @@ ping_timeout_s = 2
 profile = "manage"
 api_url = "{manage.url}"
 api_audience = "{AUDIENCE}"
-""")
+"""
+            )
             log = (work / "appliance.log").open("w")
             environment = {**os.environ, **entra.environment()}
             appliance = subprocess.Popen(
