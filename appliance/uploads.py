@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import random
 import sqlite3
+import uuid
 from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -55,6 +58,8 @@ PERMANENT_500 = ("laterality", "view position", "another action", "patientid")
 BACKOFF_S = (5.0, 15.0, 60.0, 300.0, 900.0)
 SWEEP_INTERVAL_S = 2.0
 BATCH = 200
+#: Bytes read from disk per step of an upload.
+CHUNK = 256 * 1024
 
 
 def _now() -> datetime.datetime:
@@ -70,24 +75,59 @@ Due = tuple[StoredInstance, int, str | None]
 
 
 class UploadQueue:
-    """pacs.db's upload outcomes (writer thread only)."""
+    """pacs.db's upload queue and outcomes (writer thread only, but for `listing`)."""
 
     def __init__(self, database: Database) -> None:
         self._database = database
+        #: Called (writer thread) once a transaction that queued an upload commits.
+        self.queued: Callable[[], None] | None = None
 
     @property
     def _db(self) -> sqlite3.Connection:
         return self._database.connection
 
-    def due(self, now: str, limit: int) -> list[Due]:
-        """STORED instances with no final outcome and due now, oldest first, with their
-        attempts so far and when the first was made."""
+    def enqueue(self, instance: StoredInstance) -> None:
+        """In the transaction that indexes `instance`: its upload is due now."""
+        now = _iso(_now())
+        self._db.execute(
+            "INSERT INTO uploads (sop_instance_uid, state, next_attempt_at, updated_at)"
+            " VALUES (?, 'PENDING', ?, ?)",
+            (instance.sop_instance_uid, now, now),
+        )
+        if self.queued is not None:
+            self._database.after_commit(self.queued)
+
+    def backfill(self, since: str, limit: int) -> int:
+        """Queue STORED instances that have no upload row (indexed while uploads were off, or
+        by a release before them): those stored since `since` as due, older ones as skipped
+        (Manage takes only the images of actions it created today). Returns how many."""
         rows = self._db.execute(
-            "SELECT s.*, coalesce(u.attempts, 0) AS upload_attempts,"
-            " u.first_tried_at AS upload_first_tried FROM stored_instances s"
-            " LEFT JOIN uploads u ON u.sop_instance_uid = s.sop_instance_uid"
-            " WHERE s.status = 'STORED' AND (u.sop_instance_uid IS NULL"
-            " OR (u.state = 'PENDING' AND u.next_attempt_at <= ?))"
+            "SELECT sop_instance_uid, created_at FROM stored_instances s WHERE status = 'STORED'"
+            " AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.sop_instance_uid ="
+            " s.sop_instance_uid) LIMIT ?",
+            (limit,),
+        ).fetchall()
+        now = _iso(_now())
+        with self._database.transaction() as db:
+            db.executemany(
+                "INSERT INTO uploads (sop_instance_uid, state, next_attempt_at, error, updated_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [
+                    (uid, "PENDING", now, None, now)
+                    if created >= since
+                    else (uid, "SKIPPED", None, "stored before uploads to Manage began", now)
+                    for uid, created in rows
+                ],
+            )
+        return len(rows)
+
+    def due(self, now: str, limit: int) -> list[Due]:
+        """Queued uploads due now, oldest image first, with their attempts so far and when
+        the first was made."""
+        rows = self._db.execute(
+            "SELECT s.*, u.attempts AS upload_attempts, u.first_tried_at AS upload_first_tried"
+            " FROM uploads u JOIN stored_instances s ON s.sop_instance_uid = u.sop_instance_uid"
+            " WHERE u.state = 'PENDING' AND u.next_attempt_at <= ? AND s.status = 'STORED'"
             # A study waiting out an image's backoff sends nothing later than it: its order holds.
             " AND s.study_instance_uid NOT IN (SELECT w.study_instance_uid FROM uploads b"
             " JOIN stored_instances w ON w.sop_instance_uid = b.sop_instance_uid"
@@ -166,6 +206,8 @@ class Outcome(Exception):
         super().__init__(error or state)
         self.state, self.error, self.status = state, error, status
         self.instance_id: str | None = None
+        #: The server's Retry-After (seconds), for a retry no sooner than it asked.
+        self.retry_after: float | None = None
 
 
 class ImageUploader:
@@ -186,6 +228,11 @@ class ImageUploader:
         self._tokens = tokens
         self._transport = transport
         self.queue = UploadQueue(store.database)
+        # Each new instance's upload is queued in the transaction that indexes it, and wakes us.
+        store.index.on_stored = self.queue.enqueue
+        self.queue.queued = self._queued
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._wake = trio.Event()
         self._limiter = trio.CapacityLimiter(config.upload_concurrency)
         self._busy: set[str] = set()  # studies being uploaded now
         self.uploaded = 0
@@ -199,6 +246,10 @@ class ImageUploader:
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        since = _iso(_now() - datetime.timedelta(days=self._config.upload_retry_days))
+        while (queued := await self._store.write(self.queue.backfill, since, BATCH * 10)) > 0:
+            log.info("upload.backfilled", instances=queued)
         timeout = httpx.Timeout(60.0, connect=10.0)
         client = httpx.AsyncClient(transport=self._transport, timeout=timeout)
         try:
@@ -209,9 +260,17 @@ class ImageUploader:
             with trio.CancelScope(shield=True):  # its connections closed, even when cancelled
                 await client.aclose()
 
+    def _queued(self) -> None:
+        """An upload was queued (the writer thread, after its commit): sweep now."""
+        if self._token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(lambda: self._wake.set())
+
     async def _sweep(self, client: httpx.AsyncClient, nursery: trio.Nursery) -> None:
-        """Every study with images due gets one task, which uploads them in order."""
+        """Every study with images due gets one task, which uploads them in order; a sweep
+        when an image is queued, when a study's task ends, and every few seconds for retries."""
         while True:
+            self._wake = trio.Event()
             due = await self._store.read(self.queue.due, _iso(_now()), BATCH)
             by_study: dict[str, list[Due]] = defaultdict(list)
             for entry in due:
@@ -220,7 +279,8 @@ class ImageUploader:
                 if study not in self._busy:
                     self._busy.add(study)
                     nursery.start_soon(self._upload_study, client, study, entries)
-            await trio.sleep(SWEEP_INTERVAL_S)
+            with trio.move_on_after(SWEEP_INTERVAL_S):
+                await self._wake.wait()
 
     async def _upload_study(
         self,
@@ -235,6 +295,7 @@ class ImageUploader:
                         return  # a retry later: the study's later images wait behind it
         finally:
             self._busy.discard(study)
+            self._wake.set()  # its images that arrived meanwhile are due
 
     async def _upload_one(
         self,
@@ -260,6 +321,8 @@ class ImageUploader:
         next_at = None
         if outcome.state == "PENDING":
             delay = BACKOFF_S[min(attempts - 1, len(BACKOFF_S) - 1)] * random.uniform(0.8, 1.2)
+            if outcome.retry_after is not None:  # 429/503 saying when: then, within our cap
+                delay = min(max(delay, outcome.retry_after), BACKOFF_S[-1])
             next_at = _iso(_now() + datetime.timedelta(seconds=delay))
         await self._store.write(
             self.queue.record,
@@ -315,7 +378,6 @@ class ImageUploader:
         self, client: httpx.AsyncClient, instance: StoredInstance, action_id: str
     ) -> Outcome:
         url = f"{self._config.api_url.rstrip('/')}/api/v1/dicom/{action_id}"
-        path = self._store.layout.absolute(instance.storage_path)
         for fresh in (False, True):
             try:
                 if fresh:
@@ -323,17 +385,8 @@ class ImageUploader:
                 token = await self._tokens.get(self._config.api_audience)
             except IdentityError as exc:
                 return Outcome("PENDING", f"identity: {exc.reason}")
-            name = f"{instance.sop_instance_uid}.dcm"
             try:
-                data = await trio.to_thread.run_sync(open, path, "rb")
-                try:  # httpx streams the part from the file in 64 KiB chunks, never whole
-                    response = await client.put(
-                        url,
-                        files={"file": (name, data, "application/dicom")},
-                        headers={"Authorization": f"Bearer {token.token}"},
-                    )
-                finally:
-                    data.close()
+                response = await self._put(client, url, token.token, instance)
             except OSError as exc:  # the file: missing or unreadable (a scrub will say)
                 return Outcome("PENDING", f"reading the image: {exc}")
             except httpx.HTTPError as exc:  # timeouts, refused connections, resets
@@ -341,6 +394,38 @@ class ImageUploader:
             if response.status_code != 401:
                 break
         return self._meaning(response)
+
+    async def _put(
+        self, client: httpx.AsyncClient, url: str, token: str, instance: StoredInstance
+    ) -> httpx.Response:
+        """One multipart PUT, the file streamed from disk in chunks read in a worker thread
+        (a disk read never blocks the Trio thread; memory stays flat whatever the size)."""
+        boundary = uuid.uuid4().hex
+        head = (
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\";"
+            f' filename="{instance.sop_instance_uid}.dcm"\r\n'
+            "Content-Type: application/dicom\r\n\r\n"
+        ).encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        data = await trio.open_file(self._store.layout.absolute(instance.storage_path), "rb")
+        async with data:
+            size = (await trio.to_thread.run_sync(os.fstat, data.fileno())).st_size
+
+            async def body() -> AsyncIterator[bytes]:
+                yield head
+                while chunk := await data.read(CHUNK):
+                    yield chunk
+                yield tail
+
+            return await client.put(
+                url,
+                content=body(),
+                headers={
+                    "Authorization": f"Bearer {token}",
+                    "Content-Type": f"multipart/form-data; boundary={boundary}",
+                    "Content-Length": str(len(head) + size + len(tail)),
+                },
+            )
 
     @staticmethod
     def _meaning(response: httpx.Response) -> Outcome:
@@ -361,4 +446,7 @@ class ImageUploader:
             return Outcome("PENDING", f"HTTP 401 with a fresh token: {text}", status)
         if status == 500 and any(phrase in problem.lower() for phrase in PERMANENT_500):
             return Outcome("FAILED", f"HTTP 500: {text}", status)
-        return Outcome("PENDING", f"HTTP {status}: {text}", status)
+        outcome = Outcome("PENDING", f"HTTP {status}: {text}", status)
+        with contextlib.suppress(ValueError):  # seconds; an HTTP-date is rare and ignored
+            outcome.retry_after = float(response.headers.get("retry-after", ""))
+        return outcome

@@ -67,7 +67,9 @@ class Site:
             WorklistItem(accession, "9990001234", "UP^LOAD", at, source_message_id=action_id)
         )
 
-    def image(self, accession: str, study: str = "1.2.3", **row) -> StoredInstance:
+    def image(
+        self, accession: str, study: str = "1.2.3", queued: bool = True, **row
+    ) -> StoredInstance:
         self._n += 1
         ds = synthetic.mammogram(
             shape=(64, 52), accession_number=accession, study_instance_uid=study
@@ -88,8 +90,15 @@ class Site:
             accession_number=accession,
         )
         instance = attrs.evolve(instance, **row)
-        self.store.index.insert(instance)
+        if queued:  # indexed as a C-STORE indexes it: its upload queued in that transaction
+            self.store.database.run_sync(self.store.index.store, instance)
+        else:  # as recovery reindexes a file, or a release before uploads
+            self.store.database.run_sync(self.store.index.insert, instance)
         return instance
+
+    def settled(self) -> int:
+        """Uploads with an outcome (done, failed, skipped)."""
+        return sum(row["state"] != "PENDING" for row in self.rows().values())
 
     def rows(self) -> dict[str, dict]:
         with self.store.database.reader() as db:
@@ -130,13 +139,14 @@ async def test_an_image_is_uploaded_as_received_once(site, nursery):
     site.item("ACC1")
     images = [site.image("ACC1") for _ in range(3)]
     await nursery.start(site.uploader.run)
-    await site.until(lambda: len(site.rows()) == 3)
+    await site.until(lambda: site.settled() == 3)
     rows = site.rows()
     assert {row["state"] for row in rows.values()} == {"DONE"}
     assert all(row["instance_id"] for row in rows.values())
     # As received: its UIDs kept; in the order they arrived (one study, one at a time).
     assert [sop for _action, sop in site.manage.instances] == [i.sop_instance_uid for i in images]
     assert site.manage.uploads(201) == [ACTION] * 3
+    assert site.manage.filenames == {i.sop_instance_uid: f"{i.sop_instance_uid}.dcm" for i in images}
     for image in images:  # byte for byte the stored file
         stored = (site.paths.storage / image.storage_path).read_bytes()
         assert site.manage.received[image.sop_instance_uid] == stored
@@ -238,7 +248,7 @@ async def test_what_manage_does_not_take_is_not_uploaded_and_says_why(site, nurs
     large = site.image("ACC1", file_size=101 * 1024 * 1024)
     local = site.image("ACC9")  # no cloud-created item
     await nursery.start(site.uploader.run)
-    await site.until(lambda: len(site.rows()) == 3)
+    await site.until(lambda: site.settled() == 3)
     rows = site.rows()
     assert {rows[i.sop_instance_uid]["state"] for i in (tomo, large, local)} == {"SKIPPED"}
     assert "not accepted by Manage" in rows[tomo.sop_instance_uid]["error"]
@@ -287,7 +297,8 @@ async def test_retention_under_manage_takes_only_what_has_a_final_upload_outcome
     from appliance.outbox import Outbox
 
     site.item("ACC1")
-    never, waiting, done = (site.image("ACC1") for _ in range(3))
+    never = site.image("ACC1", queued=False)
+    waiting, done = (site.image("ACC1") for _ in range(2))
     for image in (never, waiting, done):
         await site.store.write(site.store.index.finish, image, "DONE", "image.received", {}, None)
     outbox = Outbox({"images": site.store.database})
@@ -306,3 +317,60 @@ async def test_retention_under_manage_takes_only_what_has_a_final_upload_outcome
     assert candidates(True) == [done.sop_instance_uid]
     # Without uploads in play, only the waiting upload is kept back.
     assert candidates(False) == sorted([never.sop_instance_uid, done.sop_instance_uid])
+
+
+async def test_instances_indexed_without_an_upload_are_queued_at_start(site, nursery):
+    """Recovery's reindexed files and a database from before uploads: recent images are
+    queued when the uploader starts, older ones recorded as skipped (Manage would refuse them,
+    and retention under manage waits for an outcome)."""
+    site.item("ACC1")
+    now = datetime.datetime.now(datetime.UTC)
+    recent = site.image("ACC1", queued=False, created_at=now.isoformat(timespec="milliseconds"))
+    old = site.image(
+        "ACC1",
+        study="1.2.4",
+        queued=False,
+        created_at=(now - datetime.timedelta(days=30)).isoformat(timespec="milliseconds"),
+    )
+    assert site.rows() == {}
+    await nursery.start(site.uploader.run)
+    await site.until(lambda: site.settled() == 2)
+    rows = site.rows()
+    assert rows[recent.sop_instance_uid]["state"] == "DONE"
+    assert rows[old.sop_instance_uid]["state"] == "SKIPPED"
+    assert "before uploads" in rows[old.sop_instance_uid]["error"]
+    assert [sop for _action, sop in site.manage.instances] == [recent.sop_instance_uid]
+    nursery.cancel_scope.cancel()
+
+
+async def test_an_image_stored_while_running_is_uploaded_without_waiting_for_a_sweep(
+    site, nursery, monkeypatch
+):
+    """The commit that indexes an image wakes the uploader: no poll between them."""
+    monkeypatch.setattr(uploads, "SWEEP_INTERVAL_S", 3600)
+    site.item("ACC1")
+    await nursery.start(site.uploader.run)
+    await trio.sleep(0.2)  # the start's sweep has found nothing
+    image = await trio.to_thread.run_sync(site.image, "ACC1")
+    await site.until(lambda: site.settled() == 1, within=10)
+    assert site.rows()[image.sop_instance_uid]["state"] == "DONE"
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_server_asking_to_wait_is_given_the_time_it_asked(site, nursery, monkeypatch):
+    """429/503 with Retry-After: the next try no sooner than asked (within our cap)."""
+    monkeypatch.setattr(uploads, "BACKOFF_S", (0.05, 60.0))
+    site.item("ACC1")
+    image = site.image("ACC1")
+    site.manage.script = [429]
+    site.manage.retry_after = 30
+    await nursery.start(site.uploader.run)
+    await site.until(lambda: len(site.manage.uploads(429)) == 1)
+    await site.until(lambda: site.rows()[image.sop_instance_uid]["attempts"] == 1)
+    row = site.rows()[image.sop_instance_uid]
+    wait = datetime.datetime.fromisoformat(row["next_attempt_at"]) - datetime.datetime.now(
+        datetime.UTC
+    )
+    assert 25 < wait.total_seconds() <= 31, wait
+    assert row["state"] == "PENDING" and row["last_status"] == 429
+    nursery.cancel_scope.cancel()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +224,9 @@ class Index:
 
     def __init__(self, database: Database) -> None:
         self._database = database
+        #: Called inside the transaction that indexes a new instance, to queue what else it
+        #: needs in the same commit (uploads to Manage: appliance/uploads.py).
+        self.on_stored: Callable[[StoredInstance], None] | None = None
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -242,6 +245,8 @@ class Index:
             if replaces:
                 self.delete(instance.sop_instance_uid)
             self.insert(instance)
+            if self.on_stored is not None:
+                self.on_stored(instance)
 
     def insert(self, instance: StoredInstance) -> None:
         placeholders = ", ".join("?" for _ in _COLUMNS)
@@ -266,9 +271,8 @@ class Index:
         )
 
     def delete(self, sop_instance_uid: str) -> None:
-        self._db.execute(
-            "DELETE FROM stored_instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
-        )
+        for table in ("stored_instances", "uploads"):
+            self._db.execute(f"DELETE FROM {table} WHERE sop_instance_uid = ?", (sop_instance_uid,))
 
     def _release(self, column: str, sop_instance_uids: list[str]) -> None:
         self._db.executemany(

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import email.parser
-import email.policy
 import http.server
 import io
 import json
@@ -28,6 +26,8 @@ from typing import Any
 import jwt
 import pydicom
 from attrs import define, field
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from appliance.testing.entra import verify
 
@@ -55,10 +55,14 @@ class ManageEmulator:
         self.instances: dict[tuple[str, str], str] = {}
         #: The bytes of every file accepted, by SOP Instance UID.
         self.received: dict[str, bytes] = {}
+        #: The part's filename of every file accepted, by SOP Instance UID.
+        self.filenames: dict[str, str] = {}
         #: Every request answered: (method, action_id, status).
         self.log: list[tuple[str, str, int]] = []
         #: Statuses to answer next instead of judging (faults), first first.
         self.script: list[int] = []
+        #: Retry-After (seconds) sent with a scripted 429 or 503.
+        self.retry_after: int | None = None
         #: Tokens issued before this moment are refused as expired (token rotation).
         self.tokens_valid_from = 0
         #: Each upload is answered this much later (a slow link: uploads in flight).
@@ -70,6 +74,14 @@ class ManageEmulator:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def issuers(self) -> tuple[str, ...]:
+        """What Manage's validator accepts: the v1 issuer managed-identity tokens carry, and
+        the tenant's v2 form (listed with a trailing slash)."""
+        tenant = self.issuer.rstrip("/").rsplit("/", 1)[-1]
+        v2 = f"https://login.microsoftonline.com/{tenant}/v2.0"
+        return (self.issuer, v2, v2 + "/")
 
     def uploads(self, status: int = 201) -> list[str]:
         return [action for method, action, code in self.log if method == "PUT" and code == status]
@@ -89,7 +101,7 @@ class ManageEmulator:
                 authorization.removeprefix("Bearer "),
                 self.jwks,
                 audience=self.audience,
-                issuers=(self.issuer,),
+                issuers=self.issuers,
             )
         except jwt.InvalidTokenError:
             return 401, {"detail": "Unauthorized"}
@@ -104,7 +116,10 @@ class ManageEmulator:
         with self._lock:
             if self.script:
                 status = self.script.pop(0)
-                return self._problem(status, "Scripted", f"scripted {status}")
+                code, body = self._problem(status, "Scripted", f"scripted {status}")
+                if status in (429, 503) and self.retry_after is not None:
+                    body["retry_after"] = self.retry_after  # sent as the header (_reply)
+                return code, body
         identity = self._identity(headers)
         if not isinstance(identity, str):
             return identity
@@ -115,9 +130,10 @@ class ManageEmulator:
             return self._problem(403, "Forbidden", f"action is {action.status}, not today's")
         if len(body) > MAX_UPLOAD:
             return self._problem(400, "Bad Request", "file too large")
-        part = _file_part(headers.get("Content-Type", ""), body)
-        if part is None:
+        found = _file_part(headers.get("Content-Type", ""), body)
+        if found is None:
             return self._problem(422, "Unprocessable Entity", "no file part")
+        filename, part = found
         try:
             ds = pydicom.dcmread(io.BytesIO(part), stop_before_pixels=True)
             uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
@@ -133,6 +149,7 @@ class ManageEmulator:
             action.study_instance_uid = uids[0]
             instance = self.instances.setdefault((action_id, uids[2]), str(uuid.uuid4()))
             self.received[uids[2]] = part
+            self.filenames[uids[2]] = filename
         return 201, {
             "study_instance_uid": uids[0],
             "series_instance_uid": uids[1],
@@ -166,9 +183,12 @@ class ManageEmulator:
                 return self.rfile.read(length)
 
             def _reply(self, method: str, action: str, status: int, body: Any) -> None:
+                wait = body.pop("retry_after", None) if isinstance(body, dict) else None
                 data = json.dumps(body).encode() if not isinstance(body, bytes) else body
                 emulator.log.append((method, action, status))
                 self.send_response(status)
+                if wait is not None:
+                    self.send_header("Retry-After", str(wait))
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -208,15 +228,49 @@ class ManageEmulator:
             self._server.server_close()
 
 
-def _file_part(content_type: str, body: bytes) -> bytes | None:
-    """The bytes of the multipart part named `file`, or None."""
-    if not content_type.startswith("multipart/form-data"):
+def _file_part(content_type: str, body: bytes) -> tuple[str, bytes] | None:
+    """The filename and bytes of the multipart part named `file`, or None. Parsed by
+    python-multipart (the parser FastAPI and Starlette use), not by us."""
+    kind, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
         return None
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        f"Content-Type: {content_type}\r\n\r\n".encode() + body
+    parts: list[dict[str, Any]] = []
+    header: list[bytes] = [b"", b""]
+
+    def begin() -> None:
+        parts.append({"headers": {}, "data": []})
+
+    def field(data: bytes, start: int, end: int) -> None:
+        header[0] += data[start:end]
+
+    def value(data: bytes, start: int, end: int) -> None:
+        header[1] += data[start:end]
+
+    def header_end() -> None:
+        parts[-1]["headers"][header[0].lower()] = header[1]
+        header[:] = [b"", b""]
+
+    def data(chunk: bytes, start: int, end: int) -> None:
+        parts[-1]["data"].append(chunk[start:end])
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": begin,
+            "on_header_field": field,
+            "on_header_value": value,
+            "on_header_end": header_end,
+            "on_part_data": data,
+        },
     )
-    for part in message.iter_parts():
-        if part.get_param("name", header="content-disposition") == "file":
-            payload = part.get_payload(decode=True)
-            return payload if isinstance(payload, bytes) else None
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError:
+        return None
+    for part in parts:
+        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        if disposition.get(b"name") == b"file":
+            return disposition.get(b"filename", b"").decode(), b"".join(part["data"])
     return None

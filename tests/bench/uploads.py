@@ -67,7 +67,8 @@ def one_round(all_studies: list[list[Path]], workdir: Path) -> tuple[list[float]
             while len(manage.uploads(201)) < expected and time.monotonic() < deadline:
                 time.sleep(0.05)
             seconds = time.perf_counter() - started
-            latencies = _latencies(state)
+            while len(latencies := _latencies(state)) < expected and time.monotonic() < deadline:
+                time.sleep(0.05)  # the last outcomes are being recorded
         seen = Counter(f"{method} {status}" for method, _action, status in manage.log)
     shutil.rmtree(directory, ignore_errors=True)
     megabytes = sum(p.stat().st_size for s in all_studies for p in s) / 1e6
