@@ -11,6 +11,7 @@ import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
@@ -36,7 +37,7 @@ from appliance.pipeline.studies import StudyTracker
 from appliance.pipeline.workers import PixelWorkers
 from appliance.relay.actions import CloudActions, TestUnit, UnitSettings
 from appliance.relay.endpoint import Liveness, RelayEndpoint
-from appliance.relay.fetch import ImageFetch
+from appliance.relay.fetch import Bandwidth, ImageFetch
 from appliance.relay.listener import RelayListener
 from appliance.relay.sender import RelaySender
 from appliance.sdnotify import Notifier
@@ -97,6 +98,8 @@ class Appliance:
             self.store, self.worklist, config.studies, ae_title=config.dicom.storage.ae_title
         )
         self.pixel_workers = PixelWorkers(config.pipeline)
+        #: The clinic's uplink budget: image.fetch and uploads to Manage share it.
+        self.uplink = Bandwidth(config.relay.fetch_kbps * 1000 / 8)
         self.identity = EntraTokens(
             credential_for(config.identity), refresh_margin_s=config.identity.refresh_margin_s
         )
@@ -178,12 +181,18 @@ class Appliance:
             self.status.health,
             images=self.store,
             test_unit=self._unit if self._test_unit is not None else None,
-            fetch=ImageFetch(self.store, relay.fetch_kbps, relay.fetch_concurrency),
+            fetch=ImageFetch(self.store, self.uplink, relay.fetch_concurrency),
             events_are_sent=relay.enabled and self.config.cloud.profile == "relay-events",
             profile=self.config.cloud.profile,
             scheduled_zone=self.config.cloud.scheduled_time_zone,
             listener_uptime=lambda: self.relay_listener.uptime() if self.relay_listener else 0.0,
+            probe=self._probe_cloud if self.config.cloud.profile == "manage" else None,
         )
+
+    async def _probe_cloud(self) -> dict[str, Any]:
+        if self.uploader is None:
+            raise RuntimeError("the uploader has not started")
+        return await self.uploader.probe()
 
     def _relay(self, actions: CloudActions, key: bytes) -> list[Service]:
         relay = self.config.relay
@@ -288,7 +297,8 @@ class Appliance:
         actions = self._actions()
         services: list[Service] = [
             self.status,
-            ControlSocket(self.paths.control_socket, actions.handle),
+            ControlSocket(self.paths.control_socket, actions.handle_local),
+            actions,
         ]
         if self.config.relay.enabled:
             relay = self.config.relay
@@ -300,7 +310,7 @@ class Appliance:
             # No cloud takes events: they are the local record (and retention waits on uploads).
             services.append(LocalRecord(self.outbox, self.config.relay.delivered_retention_days))
             self.uploader = ImageUploader(
-                self.store, self.worklist, self.config.cloud, self.identity
+                self.store, self.worklist, self.config.cloud, self.identity, self.uplink
             )
             services.append(self.uploader)
         services += [

@@ -146,7 +146,30 @@ class Database:
         """Run `function` in the writer thread and wait for it. Not cancellable once queued, like
         a thread call: a write that started is finished and its result not lost to the caller's
         cancellation (the caller is cancelled right after)."""
+        return await self._outcome(self._submit(function, *args, **kwargs), shield=True)
+
+    async def write_or_stop_waiting(
+        self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """The same, for a caller with a deadline (a cloud action's 30 s): cancelled, it stops
+        waiting while the write still runs to its end, in order, and a failure is logged."""
         future = self._submit(function, *args, **kwargs)
+        try:
+            return await self._outcome(future, shield=False)
+        except trio.Cancelled:
+            future.add_done_callback(self._log_abandoned)
+            raise
+
+    def _log_abandoned(self, future: concurrent.futures.Future[T]) -> None:
+        if (exc := future.exception()) is not None:
+            log.error(
+                "database.write_failed_unwatched",
+                phase="write",
+                database=self.path.name,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+
+    async def _outcome(self, future: concurrent.futures.Future[T], *, shield: bool) -> T:
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
 
@@ -155,7 +178,7 @@ class Database:
                 token.run_sync_soon(done.set)
 
         future.add_done_callback(wake)
-        with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=shield):
             await done.wait()
         return future.result()
 

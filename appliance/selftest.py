@@ -153,6 +153,9 @@ class SelfTest:
                 return f"rule {study.rule}" if study and study.state == "COMPLETE" else None
 
             detail.append(_wait("study-complete", self._timeout, complete, "study.complete"))
+        if self._config.cloud.profile == "manage":
+            self._manage()
+            return
         if not self._config.relay.enabled:
             self.report.phases.append(("events-acked", 0.0, "skipped: relay not configured"))
             self._say(f"  {'events-acked':16} --  skipped: relay not configured")
@@ -165,6 +168,36 @@ class SelfTest:
                 return f"{len(found)} events acknowledged" if found and not pending else None
 
             detail.append(_wait("events-acked", self._timeout, acked, "every event acknowledged"))
+
+    def _manage(self) -> None:
+        """Under the manage profile no event goes to a cloud: the test's images pass through the
+        upload queue (and are kept from Manage, which knows no self-test action), and the
+        appliance proves its way to Manage: a token for its audience, its health check."""
+        with self._phase("upload-queue") as detail:
+
+            def settled() -> str | None:
+                outcomes = self._images.reader.upload_outcomes(self._stored)
+                if len(outcomes) == len(self._stored) and "PENDING" not in outcomes.values():
+                    return f"{len(outcomes)} {'/'.join(sorted(set(outcomes.values())))}"
+                return None
+
+            detail.append(_wait("upload-queue", self._timeout, settled, "upload outcomes"))
+        with self._phase("manage-reachable") as detail:
+            try:
+                reply = self._ask({"action_type": "cloud.probe"}, 40)
+            except (control.ControlUnavailable, OSError) as exc:
+                raise PhaseFailed("manage-reachable", str(exc) or type(exc).__name__) from None
+            if reply.get("status") != "ok":
+                where = reply.get("phase", "upload")
+                raise PhaseFailed("manage-reachable", f"{where}: {reply.get('message')}")
+            if reply.get("healthcheck") != 200:
+                raise PhaseFailed(
+                    "manage-reachable", f"GET /healthcheck answered {reply.get('healthcheck')}"
+                )
+            detail.append(
+                f"token valid {reply['token_valid_s']} s, healthcheck 200,"
+                f" {reply['uploaded']} uploaded since start"
+            )
 
     def _participant(self) -> None:
         """The appliance's test participant: its item, then the simulated unit's steps."""

@@ -28,6 +28,7 @@ import datetime
 import os
 import random
 import sqlite3
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -41,6 +42,7 @@ from appliance.db import Database
 from appliance.identity import EntraTokens, IdentityError
 from appliance.log import get_logger
 from appliance.metrics import METRICS
+from appliance.relay.fetch import Bandwidth
 from appliance.storage.index import StoredInstance
 from appliance.storage.store import InstanceStore
 from appliance.supervisor import Criticality
@@ -55,6 +57,8 @@ NOT_ACCEPTED = {"1.2.840.10008.5.1.4.1.1.13.1.3", "1.2.840.10008.5.1.4.1.1.13.1.
 #: Manage's 500s that say the image or the exam is wrong, not the server: phrases of its
 #: problem `detail` (never of an HTML error page, which says nothing of the image).
 PERMANENT_500 = ("laterality", "view position", "another action", "patientid")
+#: Action ids of items made here (the CLI, `appliance selftest`): Manage knows no such action.
+LOCAL_ACTIONS = ("cli-", "selftest-")
 BACKOFF_S = (5.0, 15.0, 60.0, 300.0, 900.0)
 SWEEP_INTERVAL_S = 2.0
 BATCH = 200
@@ -220,6 +224,7 @@ class ImageUploader:
         worklist: WorklistStore,
         config: CloudConfig,
         tokens: EntraTokens,
+        bandwidth: Bandwidth | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._store = store
@@ -227,6 +232,7 @@ class ImageUploader:
         self._config = config
         self._tokens = tokens
         self._transport = transport
+        self._bandwidth = bandwidth or Bandwidth(0)  # shared with image.fetch (app.py)
         self.queue = UploadQueue(store.database)
         # Each new instance's upload is queued in the transaction that indexes it, and wakes us.
         store.index.on_stored = self.queue.enqueue
@@ -242,6 +248,21 @@ class ImageUploader:
         return {
             "uploaded": self.uploaded,
             "studies_in_flight": len(self._busy),
+            "failing": self.failing,
+        }
+
+    async def probe(self) -> dict[str, Any]:
+        """`appliance selftest` under manage: a token for Manage's audience and its
+        unauthenticated `GET /healthcheck`, answered by this process (which holds the identity).
+        Raises IdentityError or httpx.HTTPError, named by the caller."""
+        token = await self._tokens.get(self._config.api_audience)
+        url = f"{self._config.api_url.rstrip('/')}/healthcheck"
+        async with httpx.AsyncClient(transport=self._transport, timeout=10.0) as client:
+            response = await client.get(url)
+        return {
+            "token_valid_s": round(token.expires_on - time.time()),
+            "healthcheck": response.status_code,
+            "uploaded": self.uploaded,
             "failing": self.failing,
         }
 
@@ -364,7 +385,7 @@ class ImageUploader:
             raise Outcome("SKIPPED", "no Accession Number: no Manage action to upload under")
         item = await trio.to_thread.run_sync(self._worklist.get, instance.accession_number)
         action_id = item.source_message_id if item else None
-        if not action_id or action_id.startswith("cli-"):
+        if not action_id or action_id.startswith(LOCAL_ACTIONS):
             raise Outcome("SKIPPED", "the worklist item was not created by the cloud")
         if instance.sop_class_uid in NOT_ACCEPTED:
             raise Outcome(
@@ -414,6 +435,7 @@ class ImageUploader:
             async def body() -> AsyncIterator[bytes]:
                 yield head
                 while chunk := await data.read(CHUNK):
+                    await self._bandwidth.take(len(chunk))
                     yield chunk
                 yield tail
 

@@ -164,3 +164,63 @@ async def test_a_slow_handler_answers_an_error_before_the_deadline(worklist, aut
     assert trio.current_time() - started == pytest.approx(25.0)
     assert reply["status"] == "error"
     assert "did not finish within 25 s" in reply["message"]
+
+
+async def test_a_stalled_database_write_is_answered_before_the_deadline(worklist):
+    """A disk that stalls the worklist's writer thread (fsync stuck): the cloud still gets an
+    answer within the deadline, the write still lands afterwards, and asking again is safe."""
+    import threading
+
+    stalled = threading.Event()
+    blocker = worklist.database._submit(stalled.wait, 30)  # the writer thread, held
+    actions = CloudActions(worklist, health, profile="manage", deadline_s=0.5)
+    started = trio.current_time()
+    reply = json.loads(await actions.handle(create()))
+    assert trio.current_time() - started < 2
+    assert reply["status"] == "error"
+    assert "did not finish within 0.5 s; it may still take effect" in reply["message"]
+    stalled.set()
+    await trio.to_thread.run_sync(blocker.result)
+    await trio.to_thread.run_sync(worklist.database.run_sync, lambda: None)  # its queue drained
+    assert worklist.get("ACC202612030001") is not None  # the write landed after all
+    again = json.loads(await actions.handle(create()))
+    assert again == {"status": "exists", "action_id": ACTION_ID}
+
+
+async def test_a_test_participant_is_answered_as_create_and_examined_afterwards(
+    worklist, nursery
+):
+    """Manage's create_test_item: the reply is create's, at once; the simulated unit then runs
+    in the background. Over the control socket (selftest) the reply waits for the exam."""
+    import threading
+
+    release = threading.Event()
+    performed: list[str] = []
+
+    class Unit:
+        def run(self, accession: str, phases: list) -> list[str]:
+            release.wait(10)
+            phases.append(("store", 0.1))
+            performed.append(accession)
+            return ["1.2.3.4"]
+
+    actions = CloudActions(worklist, health, profile="manage", test_unit=lambda _s: Unit())
+    await nursery.start(actions.run)
+    message = json.loads(create("TEST123456789001"))
+    message["action_type"] = "worklist.create_test_item"
+    with trio.fail_after(5):
+        reply = json.loads(await actions.handle(json.dumps(message)))
+    assert reply == {"status": "created", "action_id": ACTION_ID}
+    assert performed == []  # the exam is still to come
+    release.set()
+    with trio.fail_after(10):
+        while not performed:  # noqa: ASYNC110 (a thread's list)
+            await trio.sleep(0.05)
+    assert performed == ["TEST123456789001"]
+    # The operator's self-test waits for the exam and gets its phases.
+    message["parameters"]["worklist_item"]["accession_number"] = "TEST123456789002"
+    message["action_id"] = "selftest-TEST123456789002"
+    local = json.loads(await actions.handle_local(json.dumps(message)))
+    assert local["stored_instances"] == ["1.2.3.4"] and local["test"] is True
+    assert performed[-1] == "TEST123456789002"
+    nursery.cancel_scope.cancel()

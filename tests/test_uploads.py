@@ -374,3 +374,24 @@ async def test_a_server_asking_to_wait_is_given_the_time_it_asked(site, nursery,
     assert 25 < wait.total_seconds() <= 31, wait
     assert row["state"] == "PENDING" and row["last_status"] == 429
     nursery.cancel_scope.cancel()
+
+
+async def test_uploads_draw_on_the_uplink_budget_image_fetch_uses(site, nursery):
+    """One budget for the clinic's uplink: an upload takes its bytes from the same bucket as
+    image.fetch (app.py gives both the one Bandwidth), so together they stay under it."""
+    from appliance.relay.fetch import Bandwidth
+
+    rate = 2_000_000  # bytes per second, one second of burst
+    site.uploader._bandwidth = bandwidth = Bandwidth(rate)
+    site.item("ACC1")
+    image = site.image("ACC1")
+    path = site.paths.storage / image.storage_path
+    with path.open("ab") as grown:  # 5 MB: Manage reads only the header and UIDs
+        grown.write(b"\0" * 5_000_000)
+    started = trio.current_time()
+    await nursery.start(site.uploader.run)
+    await site.until(lambda: site.settled() == 1)
+    elapsed = trio.current_time() - started
+    assert site.rows()[image.sop_instance_uid]["state"] == "DONE"
+    assert elapsed >= (path.stat().st_size - rate) / rate, elapsed
+    nursery.cancel_scope.cancel()

@@ -4,9 +4,12 @@ upload's memory."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -125,3 +128,42 @@ def _peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmHWM")
+
+
+def _selftest(config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", "--config", str(config), "selftest", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_selftest_under_manage_proves_the_way_to_manage_and_uploads_nothing(tmp_path, cloud):
+    """No event goes to a cloud under manage: the self-test's images pass the upload queue
+    (kept from Manage, which knows no self-test action), and the appliance shows it holds a
+    token for Manage's audience and reaches its health check."""
+    entra, manage = cloud
+    config = site(tmp_path, entra, manage, [])
+    with ApplianceProcess(config, env=entra.environment()):
+        result = _selftest(config, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    phases = [p["phase"] for p in report["phases"]]
+    assert phases[-3:] == ["upload-queue", "manage-reachable", "cleanup"], phases
+    queue = next(p for p in report["phases"] if p["phase"] == "upload-queue")
+    assert queue["detail"] == "4 SKIPPED"
+    assert ("GET", "", 200) in manage.log
+    assert not [entry for entry in manage.log if entry[0] == "PUT"]
+    assert upload_states(tmp_path / "state") == {}  # the test's rows went with its images
+
+
+def test_selftest_under_manage_names_the_phase_when_manage_is_unreachable(tmp_path, cloud):
+    entra, _manage = cloud
+    unreachable = "http://127.0.0.1:9"  # nothing listens there
+    cloud_settings = {"profile": "manage", "api_url": unreachable, "api_audience": AUDIENCE}
+    config = write_config(tmp_path, {"cloud": cloud_settings})
+    with ApplianceProcess(config, env=entra.environment()):
+        result = _selftest(config)
+    assert result.returncode != 0
+    assert "manage-reachable FAILED: upload: ConnectError" in result.stdout, result.stdout

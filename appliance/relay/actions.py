@@ -12,16 +12,19 @@ import json
 import math
 import zoneinfo
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import cattrs
+import httpx
 import trio
 from attrs import frozen
 
 from appliance.config import strict_converter
+from appliance.identity import IdentityError
 from appliance.log import get_logger
 from appliance.relay.fetch import FetchError, FetchRequest, ImageFetch
 from appliance.storage.store import InstanceStore
+from appliance.supervisor import Criticality
 from appliance.worklist.store import (
     CANCELLED,
     AccessionConflict,
@@ -31,6 +34,7 @@ from appliance.worklist.store import (
     WorklistStore,
 )
 
+T = TypeVar("T")
 log = get_logger("relay")
 
 converter = strict_converter(forbid_extra_keys=False)
@@ -188,6 +192,14 @@ def manage_health(health: dict[str, Any], listener_uptime_s: float) -> dict[str,
 
 
 class CloudActions:
+    """The cloud's actions (over the relay) and the operator's (over the control socket).
+
+    As a service it holds what runs after its reply: under `manage`, a test participant's
+    simulated exam (Manage wants the reply "as create", within its 30 s)."""
+
+    name = "cloud-actions"
+    criticality = Criticality.AUXILIARY
+
     def __init__(
         self,
         worklist: WorklistStore,
@@ -201,6 +213,7 @@ class CloudActions:
         scheduled_zone: str = "UTC",
         listener_uptime: Callable[[], float] = lambda: 0.0,
         deadline_s: float = DEADLINE_S,
+        probe: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         #: "manage": every reply in the NHS Manage contract's exact shape (docs/cloud.md).
         self._manage = profile == "manage"
@@ -213,6 +226,9 @@ class CloudActions:
         self._test_unit = test_unit
         self._fetch = fetch
         self._events_are_sent = events_are_sent
+        self._background: trio.Nursery | None = None
+        #: The uploader's check of Manage (`cloud.probe`, an operator's action only).
+        self._probe = probe
         self._handlers = {
             "worklist.create_item": self._create_item,
             "worklist.create_test_item": self._create_test_item,
@@ -223,7 +239,26 @@ class CloudActions:
             "echo": self._echo,
         }
 
-    async def handle(self, text: str, channel: Any = None) -> str:
+    async def _write(self, function: Callable[..., T], *args: Any) -> T:
+        """A worklist write the action's deadline may stop waiting for (a stalled disk): the
+        reply then says it may still take effect, which is true, and asking again is safe."""
+        return await self._worklist.database.write_or_stop_waiting(function, *args)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._background = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._background = None
+
+    async def handle_local(self, text: str) -> str:
+        """An operator's action over the control socket (`appliance selftest`): a test
+        participant's reply waits for its exam, whatever the profile, to report its phases."""
+        return await self.handle(text, local=True)
+
+    async def handle(self, text: str, channel: Any = None, *, local: bool = False) -> str:
         """One action in, one reply out; never raises. `channel` is the rendezvous WebSocket,
         for actions that stream before their reply (image.fetch)."""
         action_id = None
@@ -233,16 +268,28 @@ class CloudActions:
                 raise ActionError("an action is a JSON object")
             action_id = message.get("action_id")
             action_type = message.get("action_type")
+            if action_type == "cloud.probe" and local:
+                return json.dumps(await self._probe_cloud())
             if action_type not in self._handlers and action_type != "image.fetch":
                 if self._manage:
                     raise ActionError(f"Unsupported action: {action_type}")
                 raise ActionError(f"unknown action_type {action_type!r}")
-            limit = math.inf if action_type in UNBOUNDED else self._deadline
+            # Under manage a test participant's exam runs after the reply (when it can).
+            after_reply = (
+                action_type == "worklist.create_test_item"
+                and self._manage
+                and not local
+                and self._background is not None
+            )
+            unbounded = action_type in UNBOUNDED and not after_reply
+            limit = math.inf if unbounded else self._deadline
             with trio.move_on_after(limit) as deadline:
+                parameters = message.get("parameters") or {}
                 if action_type == "image.fetch":
-                    reply = await self._image_fetch(message.get("parameters") or {}, channel)
+                    reply = await self._image_fetch(parameters, channel)
+                elif after_reply:
+                    reply = await self._create_test_item_then_exam(parameters, message)
                 else:
-                    parameters = message.get("parameters") or {}
                     reply = await self._handlers[action_type](parameters, message)
             if deadline.cancelled_caught:  # an answer before the cloud gives up on us
                 raise ActionError(
@@ -300,7 +347,7 @@ class CloudActions:
             is_test=test,
         )
         try:
-            result, stored = await self._worklist.write(self._worklist.create, item)
+            result, stored = await self._write(self._worklist.create, item)
         except AccessionConflict as exc:
             if not self._manage:
                 raise
@@ -323,10 +370,9 @@ class CloudActions:
             {"worklist_item": parameters["worklist_item"]}, message, test=True
         )
         accession = parameters["worklist_item"]["accession_number"]
-        unit = self._test_unit(settings)
         phases: list[tuple[str, float]] = []
         try:
-            stored = await trio.to_thread.run_sync(lambda: unit.run(accession, phases=phases))
+            stored = await self._perform(settings, accession, phases)
         except Exception as exc:  # the unit's failure is the reply, never the listener's
             return {
                 "status": "error",
@@ -337,12 +383,62 @@ class CloudActions:
             }
         return reply | {"test": True, "stored_instances": stored, "phases": phases}
 
+    async def _create_test_item_then_exam(
+        self, parameters: Any, message: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Manage's test participant: the item now, its reply as create's; the simulated unit
+        performs it afterwards, in the background (its outcome is logged)."""
+        if self._test_unit is None or self._background is None:
+            raise ActionError("the modality simulator is not available here")
+        settings = _structure(parameters, CreateTestItem).unit
+        reply = await self._create_item(
+            {"worklist_item": parameters["worklist_item"]}, message, test=True
+        )
+        accession = parameters["worklist_item"]["accession_number"]
+        self._background.start_soon(self._exam, settings, accession, message.get("action_id"))
+        return reply
+
+    async def _probe_cloud(self) -> dict[str, Any]:
+        if self._probe is None:
+            return {"status": "error", "message": "no HTTPS cloud configured (profile manage)"}
+        try:
+            with trio.fail_after(self._deadline):
+                return {"status": "ok"} | await self._probe()
+        except IdentityError as exc:
+            return {"status": "error", "phase": "identity", "message": exc.reason}
+        except trio.TooSlowError:
+            return {"status": "error", "phase": "upload", "message": "no answer in time"}
+        except httpx.HTTPError as exc:
+            return {"status": "error", "phase": "upload", "message": f"{type(exc).__name__}: {exc}"}
+
+    async def _perform(
+        self, settings: UnitSettings, accession: str, phases: list[tuple[str, float]]
+    ) -> list[str]:
+        """The simulated unit performs the test item's exam: the SOP Instance UIDs it stored."""
+        assert self._test_unit is not None
+        unit = self._test_unit(settings)
+        return await trio.to_thread.run_sync(lambda: unit.run(accession, phases=phases))
+
+    async def _exam(self, settings: UnitSettings, accession: str, action_id: Any) -> None:
+        phases: list[tuple[str, float]] = []
+        try:
+            stored = await self._perform(settings, accession, phases)
+        except Exception as exc:  # the unit's failure is logged, never the service's
+            log.warning(
+                "test_item.exam_failed",
+                phase=getattr(exc, "phase", "simulator"),
+                action_id=action_id,
+                error=str(exc),
+            )
+            return
+        log.info("test_item.exam_done", action_id=action_id, images=len(stored), phases=phases)
+
     async def _remove_test_item(self, parameters: Any, message: dict[str, Any]) -> dict[str, Any]:
         """Forget a test participant: its item, MPPS, images and their files, its study; and
         its events if nothing will ever send them. Real participants are never touched."""
         accession = _structure(parameters, TestItem).accession_number
         drop = not self._events_are_sent
-        study = await self._worklist.write(self._worklist.remove_test_item, accession, drop)
+        study = await self._write(self._worklist.remove_test_item, accession, drop)
         if study is None:
             raise ActionError(f"no test item with accession {accession}")
         images = 0
@@ -354,7 +450,7 @@ class CloudActions:
         change = _structure(parameters, UpdateStatus).worklist_item
         status = change.status.upper() if self._manage else change.status  # 'completed' too
         try:
-            await self._worklist.write(self._worklist.set_status, change.accession_number, status)
+            await self._write(self._worklist.set_status, change.accession_number, status)
         except UnknownItem:
             if not self._manage:
                 raise
@@ -365,7 +461,7 @@ class CloudActions:
 
     async def _cancel_item(self, parameters: Any, message: dict[str, Any]) -> dict[str, Any]:
         change = _structure(parameters, UpdateStatus).worklist_item
-        await self._worklist.write(self._worklist.set_status, change.accession_number, CANCELLED)
+        await self._write(self._worklist.set_status, change.accession_number, CANCELLED)
         return {"status": "cancelled"}
 
     async def _report_health(self, parameters: Any, message: dict[str, Any]) -> dict[str, Any]:

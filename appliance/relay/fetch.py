@@ -8,8 +8,8 @@ equals the hash recorded at storage. The action's reply closes the conversation.
 
 Resumable: a fetch names where to start (`offset` for one instance, `resume_from: {sop_instance_uid,
 offset}` within a study, whose instances always come in the same order). Every fetch shares one
-bandwidth budget (`relay.fetch_kbps`, so a clinic's uplink is not saturated) and at most
-`relay.fetch_concurrency` run at once; the others wait their turn.
+bandwidth budget with the uploads to Manage (`relay.fetch_kbps`, so a clinic's uplink is not
+saturated) and at most `relay.fetch_concurrency` run at once; the others wait their turn.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ class FetchRequest:
 
 
 class Bandwidth:
-    """A token bucket shared by every fetch: bytes per second, one second of burst."""
+    """The uplink's budget, shared by every fetch and upload: bytes per second, one second of
+    burst."""
 
     def __init__(
         self, bytes_per_second: float, clock: Callable[[], float] = trio.current_time
@@ -81,12 +82,12 @@ class ImageFetch:
     def __init__(
         self,
         store: InstanceStore,
-        kbps: float,
+        bandwidth: Bandwidth,
         concurrency: int,
     ) -> None:
         self._store = store
         self._index = store.reader
-        self._bandwidth = Bandwidth(kbps * 1000 / 8)
+        self._bandwidth = bandwidth
         self._slots = trio.CapacityLimiter(concurrency)
         self.sent_bytes = 0
 

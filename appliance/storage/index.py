@@ -516,6 +516,16 @@ class IndexReader:
             for row in self.select(f"sop_instance_uid IN ({marks})", tuple(sop_instance_uids))
         ]
 
+    def upload_outcomes(self, sop_instance_uids: Sequence[str]) -> dict[str, str]:
+        """Each instance's upload state (those queued): for `appliance selftest`."""
+        marks = ", ".join("?" for _ in sop_instance_uids)
+        with self._database.reader() as db:
+            rows = db.execute(
+                f"SELECT sop_instance_uid, state FROM uploads WHERE sop_instance_uid IN ({marks})",
+                tuple(sop_instance_uids),
+            ).fetchall()
+        return {str(uid): str(state) for uid, state in rows}
+
     def study_state(self, accession_number: str) -> StudyState | None:
         with self._database.reader() as db:
             row = db.execute(

@@ -116,10 +116,10 @@ class ManageEmulator:
         with self._lock:
             if self.script:
                 status = self.script.pop(0)
-                code, body = self._problem(status, "Scripted", f"scripted {status}")
+                code, problem = self._problem(status, "Scripted", f"scripted {status}")
                 if status in (429, 503) and self.retry_after is not None:
-                    body["retry_after"] = self.retry_after  # sent as the header (_reply)
-                return code, body
+                    problem["retry_after"] = self.retry_after  # sent as the header (_reply)
+                return code, problem
         identity = self._identity(headers)
         if not isinstance(identity, str):
             return identity

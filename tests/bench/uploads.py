@@ -55,7 +55,10 @@ def one_round(all_studies: list[list[Path]], workdir: Path) -> tuple[list[float]
             )
             manage.actions[action] = ManageAction(gateway_oid=entra.oid)
         worklist.close()
-        settings = {"cloud": {"profile": "manage", "api_url": manage.url, "api_audience": AUDIENCE}}
+        settings = {
+            "cloud": {"profile": "manage", "api_url": manage.url, "api_audience": AUDIENCE},
+            "relay": {"fetch_kbps": 0},  # the uplink budget off: the appliance's own speed
+        }
         with (
             manage.running(),
             ApplianceProcess(write_config(directory, settings), env=entra.environment()) as app,
@@ -94,7 +97,7 @@ def main(rounds: int) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     print(
         f"\nuploads bench: 4 modalities x 4 FFDM (27 MB each) at once, {rounds} rounds,"
-        f" Manage emulator on this machine"
+        f" Manage emulator on this machine, no uplink budget (relay.fetch_kbps = 0)"
         f"\n  stored -> 201: n={len(latencies)} p50 {_p(latencies, 50):.0f} ms,"
         f" p95 {_p(latencies, 95):.0f} ms"
         f"\n  C-STORE start -> last 201: {statistics.median(rates):.0f} MB/s (median of rounds)"
