@@ -384,7 +384,7 @@ class CloudConfig:
     api_url: str = ""
     api_audience: str = ""
     #: Studies uploaded at once (images of one study go one after another).
-    upload_concurrency: int = field(default=2, validator=_positive)
+    upload_concurrency: int = field(default=4, validator=_positive)
     #: An image that keeps failing for reasons that may pass is retried this long.
     upload_retry_days: float = field(default=7.0, validator=_positive)
 
