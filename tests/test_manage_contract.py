@@ -224,3 +224,12 @@ async def test_a_test_participant_is_answered_as_create_and_examined_afterwards(
     assert local["stored_instances"] == ["1.2.3.4"] and local["test"] is True
     assert performed[-1] == "TEST123456789002"
     nursery.cancel_scope.cancel()
+
+
+async def test_replies_keep_the_nhs_gateways_key_order(worklist):
+    """Manage parses JSON, so order is not meaning; but the bytes are the NHS gateway's."""
+    actions = manage(worklist)
+    created = await actions.handle(create())
+    assert created == json.dumps({"status": "created", "action_id": ACTION_ID})
+    reply = await actions.handle(json.dumps({"action_type": "health", "action_id": "h-1"}))
+    assert list(json.loads(reply)) == ["status", "action_id", "health"]

@@ -317,8 +317,8 @@ class CloudActions:
             reply = {"status": "error", "message": f"internal error: {type(exc).__name__}: {exc}"}
         if self._manage:
             # The contract's shapes exactly: action_id only where Manage's gateway puts it.
-            if reply.get("status") in ("created", "exists", "ok"):
-                reply["action_id"] = action_id
+            if reply.get("status") in ("created", "exists", "ok"):  # in the NHS gateway's order
+                reply = {"status": reply["status"], "action_id": action_id} | reply
             return json.dumps(reply)
         return json.dumps({**reply, "action_id": action_id})
 

@@ -159,7 +159,41 @@ def _round_trip(
         step(f"FAILED: Manage acknowledged {uploaded} uploads, expected 4; see {work}")
         return 1
     step(f"round trip complete: {uploaded} images uploaded, each answered 201")
+    _rest_of_the_session(sender, action, accession)
+    answered = {f"{method} {status}": 0 for method, _action, status in manage.log}
+    for method, _action, status in manage.log:
+        answered[f"{method} {status}"] += 1
+    step(f"what Manage's API answered in the session: {answered}")
     return 0
+
+
+def _rest_of_the_session(sender: RelayEndpoint, create: dict[str, Any], accession: str) -> None:
+    """The other actions Manage sends in a clinic session, each with the appliance's reply."""
+
+    def envelope(action_type: str, parameters: dict[str, Any]) -> dict[str, Any]:
+        return create | {
+            "action_id": str(uuid.uuid4()),
+            "action_type": action_type,
+            "parameters": parameters,
+        }
+
+    def status(accession_number: str, value: str) -> dict[str, Any]:
+        item = {"accession_number": accession_number, "status": value}
+        return envelope("worklist.update_status", {"worklist_item": item})
+
+    for label, action in (
+        ("create_item again (Manage retried)", create),
+        ("health", envelope("health", {})),
+        ("update_status COMPLETED", status(accession, "completed")),
+        ("update_status of an unknown accession", status("ACC000000000000", "completed")),
+        ("an action this gateway does not know", envelope("worklist.delete_item", {})),
+    ):
+        reply = trio.run(send_action, sender, json.dumps(action))
+        shown = json.loads(reply)
+        if "health" in shown:  # the health block's checks, in brief
+            checks = shown["health"]["checks"]
+            shown["health"]["checks"] = {name: check["ok"] for name, check in checks.items()}
+        step(f"Manage -> appliance: {label}; reply {json.dumps(shown)}")
 
 
 if __name__ == "__main__":
