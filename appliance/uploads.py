@@ -423,7 +423,7 @@ class ImageUploader:
         (a disk read never blocks the Trio thread; memory stays flat whatever the size)."""
         boundary = uuid.uuid4().hex
         head = (
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\";"
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file";'
             f' filename="{instance.sop_instance_uid}.dcm"\r\n'
             "Content-Type: application/dicom\r\n\r\n"
         ).encode()

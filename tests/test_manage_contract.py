@@ -187,9 +187,7 @@ async def test_a_stalled_database_write_is_answered_before_the_deadline(worklist
     assert again == {"status": "exists", "action_id": ACTION_ID}
 
 
-async def test_a_test_participant_is_answered_as_create_and_examined_afterwards(
-    worklist, nursery
-):
+async def test_a_test_participant_is_answered_as_create_and_examined_afterwards(worklist, nursery):
     """Manage's create_test_item: the reply is create's, at once; the simulated unit then runs
     in the background. Over the control socket (selftest) the reply waits for the exam."""
     import threading
@@ -221,7 +219,8 @@ async def test_a_test_participant_is_answered_as_create_and_examined_afterwards(
     message["parameters"]["worklist_item"]["accession_number"] = "TEST123456789002"
     message["action_id"] = "selftest-TEST123456789002"
     local = json.loads(await actions.handle_local(json.dumps(message)))
-    assert local["stored_instances"] == ["1.2.3.4"] and local["test"] is True
+    assert local["stored_instances"] == ["1.2.3.4"]
+    assert local["test"] is True
     assert performed[-1] == "TEST123456789002"
     nursery.cancel_scope.cancel()
 

@@ -146,7 +146,8 @@ async def test_an_image_is_uploaded_as_received_once(site, nursery):
     # As received: its UIDs kept; in the order they arrived (one study, one at a time).
     assert [sop for _action, sop in site.manage.instances] == [i.sop_instance_uid for i in images]
     assert site.manage.uploads(201) == [ACTION] * 3
-    assert site.manage.filenames == {i.sop_instance_uid: f"{i.sop_instance_uid}.dcm" for i in images}
+    names = {i.sop_instance_uid: f"{i.sop_instance_uid}.dcm" for i in images}
+    assert site.manage.filenames == names
     for image in images:  # byte for byte the stored file
         stored = (site.paths.storage / image.storage_path).read_bytes()
         assert site.manage.received[image.sop_instance_uid] == stored
@@ -372,7 +373,8 @@ async def test_a_server_asking_to_wait_is_given_the_time_it_asked(site, nursery,
         datetime.UTC
     )
     assert 25 < wait.total_seconds() <= 31, wait
-    assert row["state"] == "PENDING" and row["last_status"] == 429
+    assert row["state"] == "PENDING"
+    assert row["last_status"] == 429
     nursery.cancel_scope.cancel()
 
 
@@ -382,7 +384,7 @@ async def test_uploads_draw_on_the_uplink_budget_image_fetch_uses(site, nursery)
     from appliance.relay.fetch import Bandwidth
 
     rate = 2_000_000  # bytes per second, one second of burst
-    site.uploader._bandwidth = bandwidth = Bandwidth(rate)
+    site.uploader._bandwidth = Bandwidth(rate)
     site.item("ACC1")
     image = site.image("ACC1")
     path = site.paths.storage / image.storage_path
