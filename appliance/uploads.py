@@ -95,7 +95,12 @@ class UploadQueue:
         now = _iso(_now())
         self._db.execute(
             "INSERT INTO uploads (sop_instance_uid, state, next_attempt_at, updated_at)"
-            " VALUES (?, 'PENDING', ?, ?)",
+            " VALUES (?, 'PENDING', ?, ?) ON CONFLICT (sop_instance_uid) DO UPDATE SET"
+            # A row left by an image that is gone (a release before rows went with their
+            # image): the image is new again, its upload too. Never a failed C-STORE.
+            " state = 'PENDING', attempts = 0, next_attempt_at = excluded.next_attempt_at,"
+            " last_status = NULL, error = NULL, first_tried_at = NULL,"
+            " updated_at = excluded.updated_at",
             (instance.sop_instance_uid, now, now),
         )
         if self.queued is not None:
@@ -160,17 +165,13 @@ class UploadQueue:
         first_tried_at: str | None = None,
     ) -> None:
         self._db.execute(
-            "INSERT INTO uploads (sop_instance_uid, state, action_id, attempts, next_attempt_at,"
-            " last_status, error, instance_id, first_tried_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sop_instance_uid) DO UPDATE SET"
-            " state = excluded.state, action_id = excluded.action_id,"
-            " attempts = excluded.attempts, next_attempt_at = excluded.next_attempt_at,"
-            " last_status = excluded.last_status, error = excluded.error,"
-            " instance_id = excluded.instance_id,"
-            " first_tried_at = coalesce(uploads.first_tried_at, excluded.first_tried_at),"
-            " updated_at = excluded.updated_at",
+            # Only an existing row: an upload whose image was deleted meanwhile (retention,
+            # a self-test's cleanup) leaves nothing behind.
+            "UPDATE uploads SET state = ?, action_id = ?, attempts = ?, next_attempt_at = ?,"
+            " last_status = ?, error = ?, instance_id = ?,"
+            " first_tried_at = coalesce(first_tried_at, ?), updated_at = ?"
+            " WHERE sop_instance_uid = ?",
             (
-                sop_instance_uid,
                 state,
                 action_id,
                 attempts,
@@ -180,6 +181,7 @@ class UploadQueue:
                 instance_id,
                 first_tried_at,
                 _iso(_now()),
+                sop_instance_uid,
             ),
         )
 

@@ -397,3 +397,25 @@ async def test_uploads_draw_on_the_uplink_budget_image_fetch_uses(site, nursery)
     assert site.rows()[image.sop_instance_uid]["state"] == "DONE"
     assert elapsed >= (path.stat().st_size - rate) / rate, elapsed
     nursery.cancel_scope.cancel()
+
+
+async def test_an_image_stored_again_after_its_row_went_is_stored_and_uploaded_again(site, nursery):
+    """An upload row left behind by a deleted image never fails the image's next C-STORE."""
+    site.item("ACC1")
+    image = site.image("ACC1")
+    await site.store.write(site.store.index.delete, image.sop_instance_uid)
+    await site.store.write(site.uploader.queue.record, image.sop_instance_uid, "DONE")
+    assert site.rows() == {}  # an outcome for a gone image leaves nothing
+
+    def stale_row() -> None:  # as releases before rows went with their image left
+        with site.store.database.transaction():
+            site.uploader.queue.enqueue(image)
+
+    await site.store.write(stale_row)
+    await site.store.write(site.uploader.queue.record, image.sop_instance_uid, "DONE")
+    await site.store.write(site.store.index.store, image)  # the unit sends it again
+    assert site.rows()[image.sop_instance_uid]["state"] == "PENDING"
+    await nursery.start(site.uploader.run)
+    await site.until(lambda: site.settled() == 1)
+    assert site.rows()[image.sop_instance_uid]["state"] == "DONE"
+    nursery.cancel_scope.cancel()

@@ -163,6 +163,11 @@ def migrate(db: sqlite3.Connection) -> None:
     for name, declaration in PIPELINE_COLUMNS + RELEASE_COLUMNS + PIXELS_COLUMNS + ENCODING_COLUMNS:
         if name not in present:
             db.execute(f"ALTER TABLE stored_instances ADD COLUMN {name} {declaration}")
+    # Upload rows whose image is gone (before rows went with their image): nothing to upload.
+    db.execute(
+        "DELETE FROM uploads WHERE sop_instance_uid NOT IN"
+        " (SELECT sop_instance_uid FROM stored_instances)"
+    )
     db.execute(
         "CREATE INDEX IF NOT EXISTS stored_instances_pipeline"
         " ON stored_instances (pipeline_state, pipeline_next_at)"
