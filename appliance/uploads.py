@@ -294,12 +294,15 @@ class ImageUploader:
         when an image is queued, when a study's task ends, and every few seconds for retries."""
         while True:
             self._wake = trio.Event()
+            # Studies busy when the read began: the read may predate their last outcome (their
+            # task ending wakes the next sweep, which sees it).
+            busy = set(self._busy)
             due = await self._store.read(self.queue.due, _iso(_now()), BATCH)
             by_study: dict[str, list[Due]] = defaultdict(list)
             for entry in due:
                 by_study[entry[0].study_instance_uid].append(entry)
             for study, entries in by_study.items():
-                if study not in self._busy:
+                if study not in busy and study not in self._busy:
                     self._busy.add(study)
                     nursery.start_soon(self._upload_study, client, study, entries)
             with trio.move_on_after(SWEEP_INTERVAL_S):

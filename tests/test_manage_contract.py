@@ -215,6 +215,12 @@ async def test_a_test_participant_is_answered_as_create_and_examined_afterwards(
         while not performed:  # noqa: ASYNC110 (a thread's list)
             await trio.sleep(0.05)
     assert performed == ["TEST123456789001"]
+    # Manage sends it again (a retry): the item exists, and no second exam is run.
+    with trio.fail_after(5):
+        again = json.loads(await actions.handle(json.dumps(message)))
+    assert again == {"status": "exists", "action_id": ACTION_ID}
+    await trio.sleep(0.2)
+    assert performed == ["TEST123456789001"]
     # The operator's self-test waits for the exam and gets its phases.
     message["parameters"]["worklist_item"]["accession_number"] = "TEST123456789002"
     message["action_id"] = "selftest-TEST123456789002"

@@ -227,6 +227,7 @@ class CloudActions:
         self._fetch = fetch
         self._events_are_sent = events_are_sent
         self._background: trio.Nursery | None = None
+        self._exams: set[str] = set()  # accessions whose background exam is running
         #: The uploader's check of Manage (`cloud.probe`, an operator's action only).
         self._probe = probe
         self._handlers = {
@@ -288,7 +289,7 @@ class CloudActions:
                 if action_type == "image.fetch":
                     reply = await self._image_fetch(parameters, channel)
                 elif after_reply:
-                    reply = await self._create_test_item_then_exam(parameters, message)
+                    reply = await self._create_test_item(parameters, message, exam_after_reply=True)
                 else:
                     reply = await self._handlers[action_type](parameters, message)
             if deadline.cancelled_caught:  # an answer before the cloud gives up on us
@@ -361,15 +362,27 @@ class CloudActions:
             return {"status": result}
         return {"status": result, "study_instance_uid": stored.study_instance_uid}
 
-    async def _create_test_item(self, parameters: Any, message: dict[str, Any]) -> dict[str, Any]:
-        """The end-to-end test participant: the item, then a simulated unit performing it."""
-        if self._test_unit is None:
+    async def _create_test_item(
+        self, parameters: Any, message: dict[str, Any], *, exam_after_reply: bool = False
+    ) -> dict[str, Any]:
+        """The end-to-end test participant: the item, then a simulated unit performing it;
+        with `exam_after_reply` (Manage's), the reply is create's and the exam runs afterwards
+        in the background (its outcome logged), once per accession."""
+        if self._test_unit is None or (exam_after_reply and self._background is None):
             raise ActionError("the modality simulator is not available here")
         settings = _structure(parameters, CreateTestItem).unit
         reply = await self._create_item(
             {"worklist_item": parameters["worklist_item"]}, message, test=True
         )
         accession = parameters["worklist_item"]["accession_number"]
+        if exam_after_reply:
+            assert self._background is not None
+            if await self._exam_wanted(reply, accession):
+                self._exams.add(accession)
+                self._background.start_soon(
+                    self._exam, settings, accession, message.get("action_id")
+                )
+            return reply
         phases: list[tuple[str, float]] = []
         try:
             stored = await self._perform(settings, accession, phases)
@@ -383,20 +396,17 @@ class CloudActions:
             }
         return reply | {"test": True, "stored_instances": stored, "phases": phases}
 
-    async def _create_test_item_then_exam(
-        self, parameters: Any, message: dict[str, Any]
-    ) -> dict[str, Any]:
-        """Manage's test participant: the item now, its reply as create's; the simulated unit
-        performs it afterwards, in the background (its outcome is logged)."""
-        if self._test_unit is None or self._background is None:
-            raise ActionError("the modality simulator is not available here")
-        settings = _structure(parameters, CreateTestItem).unit
-        reply = await self._create_item(
-            {"worklist_item": parameters["worklist_item"]}, message, test=True
-        )
-        accession = parameters["worklist_item"]["accession_number"]
-        self._background.start_soon(self._exam, settings, accession, message.get("action_id"))
-        return reply
+    async def _exam_wanted(self, reply: dict[str, Any], accession: str) -> bool:
+        """A new item is examined; a retried one (`exists`) only if no exam is running for it
+        and none stored images (the first attempt's reply may have been cut by the deadline)."""
+        if accession in self._exams:
+            return False
+        if reply.get("status") == "created":
+            return True
+        if self._images is None:
+            return False
+        study = await trio.to_thread.run_sync(self._images.reader.study_state, accession)
+        return study is None
 
     async def _probe_cloud(self) -> dict[str, Any]:
         if self._probe is None:
@@ -431,6 +441,8 @@ class CloudActions:
                 error=str(exc),
             )
             return
+        finally:
+            self._exams.discard(accession)
         log.info("test_item.exam_done", action_id=action_id, images=len(stored), phases=phases)
 
     async def _remove_test_item(self, parameters: Any, message: dict[str, Any]) -> dict[str, Any]:
