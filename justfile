@@ -9,8 +9,9 @@ bin := venv / "bin"
 # Debian packages the tests, benches, chaos and live checks drive the appliance with (one list):
 # dcmtk, Orthanc, dicom3tools and OpenJPEG are the peers and encoders; systemd for the unit
 # gates; fuse3 + libfuse3-dev + pkg-config + gcc for the power-cut filesystem (pyfuse3);
-# e2fsprogs for the loop-mounted ext4 disks; systemd-container + mmdebstrap for the live converge.
-deb_packages := "python3-venv dcmtk orthanc dicom3tools libopenjp2-tools systemd systemd-container mmdebstrap fuse3 libfuse3-dev pkg-config gcc e2fsprogs"
+# e2fsprogs for the loop-mounted ext4 disks; systemd-container + mmdebstrap for the live converge;
+# openssl for the tests' PKI and rsyslog + rsyslog-openssl as the remote audit repository.
+deb_packages := "python3-venv dcmtk orthanc dicom3tools libopenjp2-tools systemd systemd-container mmdebstrap fuse3 libfuse3-dev pkg-config gcc e2fsprogs openssl rsyslog rsyslog-openssl"
 
 # Install the Debian packages above that are missing (as root), or print the command that would
 deps:

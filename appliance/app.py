@@ -18,17 +18,18 @@ import trio
 from pynetdicom import DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 
-from appliance import __version__
+from appliance import __version__, audit
+from appliance.audit_forwarder import AuditForwarder
 from appliance.config import Config, read_secret
 from appliance.control import ControlSocket
 from appliance.dicom import _pynetdicom
 from appliance.dicom.commitment_scp import COMMITMENT_CONTEXTS, StorageCommitmentSCP
 from appliance.dicom.door import TrioDoor
-from appliance.dicom.qr_scp import QR_CONTEXTS, QueryRetrieveSCP
-from appliance.dicom.server import Contexts, DicomServer, Handler
+from appliance.dicom.qr_scp import FIND_CONTEXTS, RETRIEVE_CONTEXTS, QueryRetrieveSCP
+from appliance.dicom.server import DicomServer, Handler, Services
 from appliance.dicom.statuses import SUCCESS
 from appliance.dicom.storage_scp import STORAGE_CONTEXTS, StorageSCP
-from appliance.dicom.worklist_scp import WORKLIST_CONTEXTS, WorklistSCP
+from appliance.dicom.worklist_scp import MPPS_CONTEXTS, WORKLIST_CONTEXTS, WorklistSCP
 from appliance.identity import RELAY_RESOURCE, EntraTokens, credential_for
 from appliance.log import get_logger
 from appliance.outbox import LocalRecord, Outbox
@@ -115,10 +116,11 @@ class Appliance:
         #: startup (state, databases, recovery, first start of the servers), run, or shutdown.
         self.phase = "startup"
         self.uploader: ImageUploader | None = None
+        self.audit_forwarder: AuditForwarder | None = None
         self.relay_listener: RelayListener | None = None
         self.relay_sender: RelaySender | None = None
-        self.storage_server: DicomServer | None = None
-        self.worklist_server: DicomServer | None = None
+        #: The DICOM listeners by name: storage, worklist and their TLS twins (storage_tls...).
+        self.listeners: dict[str, DicomServer] = {}
         self.supervisor: Supervisor | None = None
         self.status = StatusReporter(
             self.paths,
@@ -128,7 +130,7 @@ class Appliance:
             self.floor,
             store=self.store,
             outbox=self.outbox,
-            servers=lambda: {"storage": self.storage_server, "worklist": self.worklist_server},
+            servers=lambda: dict(self.listeners),
             services=lambda: self.supervisor.statistics() if self.supervisor else {},
             pipeline=self.pipeline,
             studies=self.studies,
@@ -137,26 +139,37 @@ class Appliance:
             cloud=lambda: {
                 "identity": self.identity if self._entra_in_use() else None,
                 "image-uploads": self.uploader,
+                "audit-forwarder": self.audit_forwarder,
             },
         )
 
-    def _server(
+    def _servers(
         self,
         name: str,
         ae_title: str,
-        port: int,
-        contexts: Contexts,
+        ports: tuple[int, int],
+        services: Services,
         handlers: list[Handler],
-    ) -> DicomServer:
-        return DicomServer(
-            name=name,
-            ae_title=ae_title,
-            port=port,
-            contexts=[VERIFICATION, *contexts],
-            handlers=[(evt.EVT_C_ECHO, _echo), *handlers],
-            dicom=self.config.dicom,
-            shutdown_timeout=self.config.supervisor.shutdown_timeout_s,
-        )
+    ) -> list[DicomServer]:
+        """One AE's listeners: the plain port, its TLS twin (dicom.tls), or only the twin."""
+        tls = self.config.dicom.tls
+        plain, secure = ports
+        listeners = [] if tls.only else [(f"{name}-scp", plain, False)]
+        if tls.enabled:
+            listeners.append((f"{name}-scp-tls", secure, True))
+        return [
+            DicomServer(
+                name=listener,
+                ae_title=ae_title,
+                port=port,
+                services=[(None, [VERIFICATION]), *services],
+                handlers=[(evt.EVT_C_ECHO, _echo), *handlers],
+                dicom=self.config.dicom,
+                shutdown_timeout=self.config.supervisor.shutdown_timeout_s,
+                tls=over_tls,
+            )
+            for listener, port, over_tls in listeners
+        ]
 
     def _unit(self, settings: UnitSettings) -> TestUnit:
         """The injected simulated unit, aimed at this appliance's own ports."""
@@ -176,17 +189,20 @@ class Appliance:
 
     def _actions(self) -> CloudActions:
         relay = self.config.relay
+        fetch = ImageFetch(self.store, self.uplink, relay.fetch_concurrency)
+        fetch.cloud_identity = f"relay:{relay.namespace}/{relay.actions_path}"
         return CloudActions(
             self.worklist,
             self.status.health,
             images=self.store,
             test_unit=self._unit if self._test_unit is not None else None,
-            fetch=ImageFetch(self.store, self.uplink, relay.fetch_concurrency),
+            fetch=fetch,
             events_are_sent=relay.enabled and self.config.cloud.profile == "relay-events",
             profile=self.config.cloud.profile,
             scheduled_zone=self.config.cloud.scheduled_time_zone,
             listener_uptime=lambda: self.relay_listener.uptime() if self.relay_listener else 0.0,
             probe=self._probe_cloud if self.config.cloud.profile == "manage" else None,
+            cloud_identity=fetch.cloud_identity,
         )
 
     async def _probe_cloud(self) -> dict[str, Any]:
@@ -224,14 +240,29 @@ class Appliance:
             self.config.relay.enabled and self.config.relay.auth == "entra"
         ) or self.config.cloud.profile == "manage"
 
+    @property
+    def storage_server(self) -> DicomServer | None:
+        return self.listeners.get("storage") or self.listeners.get("storage_tls")
+
+    @property
+    def worklist_server(self) -> DicomServer | None:
+        return self.listeners.get("worklist") or self.listeners.get("worklist_tls")
+
     def _describe(self) -> str:
-        servers = (self.storage_server, self.worklist_server)
-        ports = [server.bound_port if server else None for server in servers]
-        return f"storage_port={ports[0]} worklist_port={ports[1]}"
+        return " ".join(
+            f"{name}_port={server.bound_port}" for name, server in self.listeners.items()
+        )
 
     def _open_stores(self) -> None:
         if Reserve(self.paths.reserve).release_if_needed():
             log.warning("disk.reserve_released", phase="startup", **self.floor.measure().as_dict())
+        audit.TRAIL.open(
+            self.paths.audit,
+            source_id=self.config.relay.appliance_id or socket.gethostname(),
+            rotate_mb=self.config.audit.rotate_mb,
+            keep_files=self.config.audit.keep_files,
+        )
+        audit.record(audit.application_activity(True, __version__))
         self.worklist.open()
         self.store.open()
         report = self.store.database.run_sync(
@@ -254,20 +285,35 @@ class Appliance:
                 # Servers have drained by now (their own shielded cleanup); the stores close last.
                 self.store.close()
                 self.worklist.close()
+                if audit.TRAIL.directory is not None:
+                    audit.record(audit.application_activity(False, __version__))
+                    audit.TRAIL.close()
 
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         dicom = self.config.dicom
         door = TrioDoor.current()
         storage_scp = StorageSCP(self.store, door, self.floor)
-        qr_scp = QueryRetrieveSCP(self.store.reader, dicom.destinations, dicom.storage.ae_title)
-        commitment = StorageCommitmentSCP(
-            self.store, door, dicom.storage.ae_title, dicom.destinations, self.pixel_workers
+        qr_scp = QueryRetrieveSCP(
+            self.store.reader, dicom.destinations, dicom.storage.ae_title, dicom.tls
         )
-        self.storage_server = self._server(
-            "storage-scp",
+        commitment = StorageCommitmentSCP(
+            self.store,
+            door,
             dicom.storage.ae_title,
-            dicom.storage.port,
-            [*STORAGE_CONTEXTS, *QR_CONTEXTS, *COMMITMENT_CONTEXTS],
+            dicom.destinations,
+            self.pixel_workers,
+            dicom.tls,
+        )
+        storage_servers = self._servers(
+            "storage",
+            dicom.storage.ae_title,
+            (dicom.storage.port, dicom.storage.tls_port),
+            [
+                ("store", STORAGE_CONTEXTS),
+                ("query", FIND_CONTEXTS),
+                ("retrieve", RETRIEVE_CONTEXTS),
+                ("commit", COMMITMENT_CONTEXTS),
+            ],
             [*storage_scp.handlers(), *qr_scp.handlers(), *commitment.handlers()],
         )
         worklist_scp = WorklistSCP(
@@ -277,13 +323,17 @@ class Appliance:
             self.config.worklist.timezone,
             self.config.worklist.defaults,
         )
-        self.worklist_server = self._server(
-            "worklist-scp",
+        worklist_servers = self._servers(
+            "worklist",
             dicom.worklist.ae_title,
-            dicom.worklist.port,
-            WORKLIST_CONTEXTS,
+            (dicom.worklist.port, dicom.worklist.tls_port),
+            [("worklist", WORKLIST_CONTEXTS), ("mpps", MPPS_CONTEXTS)],
             worklist_scp.handlers(),
         )
+        self.listeners = {
+            server.name.replace("-scp", "").replace("-", "_"): server
+            for server in (*storage_servers, *worklist_servers)
+        }
         # An active transfer touches its spool file continuously; an idle association is aborted
         # after network_timeout_s. Anything much older belongs to an association that is gone.
         sweeper = SpoolSweeper(self.paths.spool, older_than=max(300, 4 * dicom.network_timeout_s))
@@ -313,10 +363,12 @@ class Appliance:
                 self.store, self.worklist, self.config.cloud, self.identity, self.uplink
             )
             services.append(self.uploader)
+        if self.config.audit.remote:
+            self.audit_forwarder = AuditForwarder(self.paths.audit, self.config.audit, dicom.tls)
+            services.append(self.audit_forwarder)
         services += [
             commitment,
-            self.storage_server,
-            self.worklist_server,
+            *self.listeners.values(),
             sweeper,
             WorklistHousekeeper(self.worklist, self.config.worklist),
             housekeeper,

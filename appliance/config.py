@@ -80,12 +80,66 @@ def _ip_address(_inst: object, attribute: attrs.Attribute[Any], value: str) -> N
 # --- the tree ------------------------------------------------------------------------------------
 
 
+#: What a configured peer may ask for, by service (docs/security.md).
+PERMISSIONS = ("store", "commit", "worklist", "mpps", "query", "retrieve")
+#: A mammography unit's: it stores, asks for commitment, reads the worklist and reports MPPS.
+#: Query and retrieve belong to named viewers only.
+UNIT_PERMISSIONS = ("store", "commit", "worklist", "mpps")
+#: A peer's client certificate checked against the CA in [dicom.tls] (otherwise: a pinned file).
+ISSUED_BY_CA = "ca"
+
+
+def _host_or_network(value: str) -> bool:
+    try:
+        ipaddress.ip_network(value, strict=False)
+        return True
+    except ValueError:
+        labels = value.rstrip(".").split(".")
+        return bool(value) and all(
+            re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", label) for label in labels
+        )
+
+
+def _addresses(_inst: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    if not value:
+        raise FieldError(attribute, "at least one address, CIDR range or host name")
+    for address in value:
+        if not _host_or_network(address):
+            raise FieldError(
+                attribute, f"{address!r} is not an IP address, a CIDR range or a host name"
+            )
+
+
+def _permissions(_inst: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for permission in value:
+        if permission not in PERMISSIONS:
+            raise FieldError(attribute, f"{permission!r} is not one of {', '.join(PERMISSIONS)}")
+
+
+def _ae_titles(_inst: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for ae_title in value:
+        _ae_title(_inst, attribute, ae_title)
+
+
 @frozen
 class PeerConfig:
-    """A modality allowed to associate: its calling AE title and the address it connects from."""
+    """A peer allowed to associate: an AE title bound to where it connects from, and what it
+    may ask for. An association is judged on the pair (docs/security.md)."""
 
     ae_title: str = field(validator=_ae_title)
-    address: str = field(validator=_ip_address)
+    #: IP addresses, CIDR ranges (10.20.1.16/28) or host names (resolved when the listener
+    #: starts, and again when a connection matches none of them).
+    addresses: tuple[str, ...] = field(validator=_addresses)
+    permissions: tuple[str, ...] = field(default=UNIT_PERMISSIONS, validator=_permissions)
+    #: C-MOVE destinations ([[dicom.destinations]] AE titles) this peer may send images to;
+    #: empty: its own AE title only.
+    move_to: tuple[str, ...] = field(default=(), validator=_ae_titles)
+    #: Only over the TLS ports.
+    require_tls: bool = False
+    #: Mutual TLS: "ca" (a client certificate issued by dicom.tls.ca_file), or a PEM file (or
+    #: credential name) holding the one certificate this peer must present (pinned). Implies
+    #: require_tls.
+    client_certificate: str = ""
 
 
 @frozen
@@ -96,12 +150,45 @@ class DestinationConfig:
     ae_title: str = field(validator=_ae_title)
     host: str = field(validator=attrs.validators.min_len(1))
     port: int = field(validator=_port)
+    #: Associate over TLS, checking the destination's certificate against dicom.tls.ca_file
+    #: (and presenting the appliance's own for mutual TLS).
+    tls: bool = False
+    #: The name its certificate carries; empty: host.
+    server_name: str = ""
+
+
+@frozen
+class TlsConfig:
+    """DICOM TLS (PS3.15 B.9, the BCP 195 non-downgrading profile): listeners on their own
+    ports beside the plain ones, or instead of them."""
+
+    enabled: bool = False
+    #: PEM files, or systemd credential names ($CREDENTIALS_DIRECTORY, LoadCredential=).
+    certificate_file: str = ""
+    key_file: str = ""
+    #: The CA (PEM bundle) that issues peers' client certificates and TLS destinations'
+    #: server certificates.
+    ca_file: str = ""
+    #: true: the plain ports are not opened at all.
+    only: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.enabled:
+            for name in ("certificate_file", "key_file"):
+                if not getattr(self, name):
+                    raise FieldError(
+                        getattr(attrs.fields(TlsConfig), name), "required when tls is enabled"
+                    )
+        elif self.only:
+            raise FieldError(attrs.fields(TlsConfig).only, "needs dicom.tls.enabled = true")
 
 
 @frozen
 class StorageScpConfig:
     ae_title: str = field(default="SCREENING_PACS", validator=_ae_title)
     port: int = field(default=4244, validator=_port)
+    #: The storage port's TLS twin (2762 is DICOM's registered TLS port), when dicom.tls is on.
+    tls_port: int = field(default=2762, validator=_port)
     #: C-STORE is refused with 0xA700 (out of resources) below this much free space.
     min_free_mb: int = field(default=2048, validator=_non_negative)
 
@@ -124,6 +211,8 @@ def _character_sets(_inst: object, attribute: attrs.Attribute[Any], value: dict[
 class WorklistScpConfig:
     ae_title: str = field(default="SCREENING_MWL", validator=_ae_title)
     port: int = field(default=4243, validator=_port)
+    #: The worklist port's TLS twin, when dicom.tls is on.
+    tls_port: int = field(default=2763, validator=_port)
     #: Answers to a query that names no Specific Character Set (and whose calling AE has no
     #: entry below) are in this one. ISO_IR 6, the default repertoire, is what such a query
     #: declares it understands (PS3.4 K.4.1.1.3.1): other letters are transliterated.
@@ -212,12 +301,40 @@ class DicomConfig:
     max_associations: int = field(default=32, validator=_positive)
     #: Seconds without traffic before an association is aborted.
     network_timeout_s: float = field(default=60.0, validator=_positive)
-    #: Empty: any peer may associate. Otherwise only these AE titles, from these addresses.
+    #: Who may associate, and what each may ask for. Once one is listed, any other pair of AE
+    #: title and address is refused.
     peers: tuple[PeerConfig, ...] = ()
+    #: While no peer is listed (a site being set up, the demo): what any AE from any address
+    #: may ask for.
+    unlisted_permissions: tuple[str, ...] = field(default=UNIT_PERMISSIONS, validator=_permissions)
     #: C-MOVE destinations and storage commitment callbacks, by AE title.
     destinations: tuple[DestinationConfig, ...] = ()
     storage: StorageScpConfig = StorageScpConfig()
     worklist: WorklistScpConfig = WorklistScpConfig()
+    tls: TlsConfig = TlsConfig()
+
+    def __attrs_post_init__(self) -> None:
+        peers = attrs.fields(DicomConfig).peers
+        known = {destination.ae_title for destination in self.destinations}
+        for index, peer in enumerate(self.peers):
+            where = f"[{index}] ({peer.ae_title})"
+            for target in peer.move_to:
+                if target not in known:
+                    raise FieldError(
+                        peers, f"{where}.move_to: {target} is not a dicom.destinations entry"
+                    )
+            if (peer.require_tls or peer.client_certificate) and not self.tls.enabled:
+                raise FieldError(peers, f"{where} needs TLS: dicom.tls.enabled = true")
+            if peer.client_certificate == ISSUED_BY_CA and not self.tls.ca_file:
+                raise FieldError(
+                    peers, f'{where}.client_certificate = "ca" needs dicom.tls.ca_file'
+                )
+        for index, destination in enumerate(self.destinations):
+            if destination.tls and not self.tls.enabled:
+                raise FieldError(
+                    attrs.fields(DicomConfig).destinations,
+                    f"[{index}] ({destination.ae_title}).tls needs dicom.tls.enabled = true",
+                )
 
 
 @frozen
@@ -398,6 +515,27 @@ class CloudConfig:
                     )
 
 
+def _remote(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    host, _, port = value.rpartition(":")
+    if value and not (host and port.isdigit() and 0 < int(port) < 65536):
+        raise FieldError(attribute, f"{value!r} is not host:port (e.g. audit.example.nhs.uk:6514)")
+
+
+@frozen
+class AuditConfig:
+    """The audit trail of patient-data access and security events (docs/security.md)."""
+
+    #: The local trail starts a new file past this size, and deletes the oldest past keep_files.
+    rotate_mb: float = field(default=16.0, validator=_positive)
+    keep_files: int = field(default=64, validator=_positive)
+    #: A remote audit repository, syslog over TLS (RFC 5425): host:port; empty: local only.
+    remote: str = field(default="", validator=_remote)
+    #: The CA (PEM) that issued the repository's certificate; empty: the system's store.
+    remote_ca_file: str = ""
+    #: The name the repository's certificate carries; empty: the host of remote.
+    remote_server_name: str = ""
+
+
 @frozen
 class Config:
     state_dir: Path = Path("/var/lib/screening-gateway")
@@ -412,6 +550,7 @@ class Config:
     relay: RelayConfig = RelayConfig()
     identity: IdentityConfig = IdentityConfig()
     cloud: CloudConfig = CloudConfig()
+    audit: AuditConfig = AuditConfig()
 
 
 # --- structuring ---------------------------------------------------------------------------------

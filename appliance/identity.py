@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import trio
 from attrs import frozen
 
+from appliance import audit
 from appliance.config import IdentityConfig, secret_path
 from appliance.log import get_logger
 
@@ -144,6 +145,7 @@ class EntraTokens:
                 )
                 if self.failing != reason:  # one event per change, not per retry
                     log.error("identity.failed", phase="identity", resource=resource, error=reason)
+                    audit.record(audit.authentication_failed(f"entra:{resource}", reason))
                 self.failing = reason
                 raise IdentityError(reason) from None
             if self.failing is not None:

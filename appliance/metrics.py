@@ -21,6 +21,11 @@ PREFIX = "screening_gateway_"
 #: Every counter, with its help text: what is not here cannot be counted (a typo fails loudly).
 COUNTERS = {
     "associations_total": "DICOM associations, by server and outcome",
+    "association_refusals_total": "Connections and associations refused, by server and phase",
+    "context_refusals_total": "Services asked for without permission, by server and service",
+    "move_refusals_total": "C-MOVEs to a destination the peer may not use, by destination",
+    "audit_messages_total": "Audit messages recorded, by event",
+    "audit_failures_total": "Audit messages that could not be written to the local trail",
     "c_store_total": "C-STORE requests, by outcome",
     "c_store_bytes_total": "Bytes of C-STORE datasets stored",
     "c_find_total": "C-FIND requests, by service",
@@ -107,6 +112,13 @@ def gauges(status: dict[str, Any]) -> dict[str, tuple[str, list[tuple[dict[str, 
         "service_restarts": (
             "Restarts of each supervised service since the process started",
             [({"service": n}, s["restarts"]) for n, s in sorted(services.items())],
+        ),
+        "tls_certificate_expiry_seconds": (
+            "Seconds until each TLS listener's certificate expires",
+            [
+                ({"listener": name}, round(tls["days_left"] * 86400))
+                for name, tls in sorted((status.get("tls") or {}).items())
+            ],
         ),
         "associations_active": (
             "DICOM associations in progress",

@@ -12,6 +12,8 @@ state_dir/
   appliance.lock              held (flock) by the running appliance and by offline commands
   control.sock                the running appliance's local control socket (selftest, CLI)
   reserve                     space kept back to open the databases on a disk filled to 0
+  audit/audit-NNNNNN.log      the audit trail (DICOM audit messages, one per line, mode 0600)
+  audit/forwarded.json        how far the remote audit repository has been sent the trail
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class StatePaths:
     @property
     def spool(self) -> Path:
         return self.state_dir / "spool"
+
+    @property
+    def audit(self) -> Path:
+        return self.state_dir / "audit"
 
     @property
     def storage(self) -> Path:

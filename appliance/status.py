@@ -108,6 +108,11 @@ class StatusReporter:
             "started_at": self.started_at,
             "services": {name: attrs.asdict(state) for name, state in self._services().items()},
             "ports": {name: server.bound_port for name, server in servers.items()},
+            "tls": {
+                name: tls
+                for name, server in servers.items()
+                if (tls := server.statistics().get("tls"))
+            },
             "associations": sum(server.active_associations() for server in servers.values()),
             "pipeline": self._pipeline.statistics(),
             "relay": self._relay_statistics(),
@@ -135,7 +140,8 @@ class StatusReporter:
         checks["studies"] = self._studies.statistics()
         services = {name: attrs.asdict(state) for name, state in self._services().items()}
         checks["services"] = services
-        healthy = checks["storage_port"] and checks["worklist_port"] and checks["disk"]["ok"]
+        ports = [checks[f"{name}_port"] for name in self._servers()]
+        healthy = ports and all(ports) and checks["disk"]["ok"]
         return {
             "healthy": bool(healthy),
             "pid": os.getpid(),

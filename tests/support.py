@@ -18,6 +18,9 @@ from typing import Any
 BASE_CONFIG: dict[str, Any] = {
     "dicom": {
         "host": "127.0.0.1",
+        # The tests' peers query and retrieve too; the default (units' services only) and
+        # listed peers are specified in tests/test_security.py.
+        "unlisted_permissions": ["store", "commit", "worklist", "mpps", "query", "retrieve"],
         "storage": {"port": 0, "min_free_mb": 0},
         "worklist": {"port": 0},
     },

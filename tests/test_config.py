@@ -54,7 +54,7 @@ def test_unknown_key_is_refused(tmp_path):
 def test_every_bad_key_gets_its_own_line(tmp_path):
     lines = problems(tmp_path, {"log": {"level": "LOUD"}, "dicom": {"peers": [{"ae_title": "X"}]}})
     assert sorted(lines) == [
-        "config: dicom.peers[0].address: required key is missing",
+        "config: dicom.peers[0].addresses: required key is missing",
         "config: log.level: expected one of DEBUG, INFO, WARNING, ERROR, got 'LOUD'",
     ]
 

@@ -16,6 +16,7 @@ from appliance import config as config_module
 from appliance import errors, log
 from appliance.cli.offline import CommandTree, config_path, load, run
 from appliance.cli.records import (
+    cmd_audit,
     cmd_outbox_list,
     cmd_outbox_purge,
     cmd_outbox_retry,
@@ -172,6 +173,14 @@ def _parser() -> CommandTree:
     fsck.add_argument(
         "--verify-hashes", action="store_true", help="re-read every file and check its SHA-256"
     )
+    audit_cmd = command(
+        commands, "audit", "who saw, sent or changed whose data (the audit trail)", cmd_audit
+    )
+    audit_cmd.add_argument("--patient", default="", help="only messages naming this patient ID")
+    audit_cmd.add_argument("--since", default="", help="YYYY-MM-DD or YYYY-MM-DDTHH:MM (UTC)")
+    audit_cmd.add_argument("--event", default="", help="e.g. query, transferred, security")
+    audit_cmd.add_argument("--json", action="store_true", help="one JSON object per line")
+    audit_cmd.add_argument("--xml", action="store_true", help="with --json: the message itself")
     return tree
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import sys
 import zoneinfo
 from collections.abc import Callable
@@ -17,8 +18,8 @@ from typing import Any
 
 import attrs
 
+from appliance import audit, control
 from appliance import config as config_module
-from appliance import control
 from appliance.cli.offline import load, offline
 from appliance.config import ConfigError
 from appliance.outbox import Outbox
@@ -244,4 +245,47 @@ def cmd_outbox_purge(args: argparse.Namespace) -> int:
     print(
         f"outbox purge: {count} delivered event(s) older than {args.older_than_days} days removed"
     )
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Who saw, sent or changed this woman's data: the audit trail, oldest first."""
+    paths = StatePaths(load(args).state_dir)
+    since = args.since
+    if since and not re.fullmatch(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2})?)?Z?", since):
+        print(f"audit: --since {since!r} is not YYYY-MM-DD or YYYY-MM-DDTHH:MM", file=sys.stderr)
+        return 2
+    shown = 0
+    for line in audit.lines(paths.audit):
+        try:
+            entry = audit.parse(line)
+        except (ValueError, AssertionError):  # ET.ParseError is a ValueError
+            print(f"audit: unreadable line skipped: {line[:80]}", file=sys.stderr)
+            continue
+        if args.patient and args.patient not in entry.patients:
+            continue
+        if since and entry.when < since.replace(" ", "T"):
+            continue
+        if args.event and args.event.lower() not in entry.event.lower():
+            continue
+        shown += 1
+        if args.json:
+            print(json.dumps(attrs.asdict(entry, filter=lambda a, _v: a.name != "xml" or args.xml)))
+            continue
+        who = ", ".join(
+            w.get("UserID", "?")
+            + (f"@{w['NetworkAccessPointID']}" if w.get("NetworkAccessPointID") else "")
+            for w in entry.who
+        )
+        outcome = "ok" if entry.outcome == 0 else f"FAILED({entry.outcome})"
+        what = " ".join(f"study {uid} ({n})" for uid, n in entry.studies.items())
+        patients = ",".join(entry.patients)
+        print(
+            f"{entry.when}  {entry.event:36} {entry.action} {outcome:10} {who}"
+            + (f"  patient {patients}" if patients else "")
+            + (f"  {what}" if what else "")
+            + (f"  {entry.description}" if entry.description else "")
+        )
+    if not shown and not args.json:
+        print("audit: no matching messages", file=sys.stderr)
     return 0

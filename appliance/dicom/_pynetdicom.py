@@ -18,6 +18,7 @@ import pydicom
 from pydicom import Dataset
 from pydicom.uid import UID
 from pynetdicom import _config, acse, dimse_messages, evt
+from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_MOVE
 from pynetdicom.dsutils import decode, encode
@@ -69,6 +70,8 @@ def configure(spool_dir: Path, floor: DiskFloor | None = None) -> None:
         AssociationSocket._create_socket = _create_socket  # type: ignore[method-assign]
     if acse.negotiate_as_acceptor is not _negotiate_as_acceptor:  # type: ignore[attr-defined]
         acse.negotiate_as_acceptor = _negotiate_as_acceptor  # type: ignore[attr-defined]
+    if ACSE._negotiate_as_acceptor is not _judged_negotiation:
+        ACSE._negotiate_as_acceptor = _judged_negotiation  # type: ignore[method-assign]
     if not getattr(QueryRetrieveServiceClass._move_scp, "checks_first", False):
         QueryRetrieveServiceClass._move_scp = _move_scp  # type: ignore[method-assign]
 
@@ -314,6 +317,26 @@ class StoredFile(Dataset):
         return contexts[:128]
 
 
+_acse_negotiate_original = ACSE._negotiate_as_acceptor
+
+
+def _judged_negotiation(self: ACSE) -> None:
+    """An association judged before pynetdicom negotiates it: the listener's ``judge`` (see
+    appliance.dicom.server) answers the contexts this pair may be given, or None to refuse it
+    with A-ASSOCIATE-RJ (rejected permanent, service user, calling AE title not recognised)."""
+    judge = getattr(getattr(self.assoc, "_server", None), "judge", None)
+    if judge is not None:
+        contexts = judge(self.assoc)
+        if contexts is None:
+            self.requestor.ae_title = self.requestor.primitive.calling_ae_title  # type: ignore[union-attr]
+            self.send_reject(0x01, 0x01, 0x03)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        self.acceptor.supported_contexts = contexts
+    _acse_negotiate_original(self)
+
+
 _negotiate_original = acse.negotiate_as_acceptor  # type: ignore[attr-defined]
 
 
@@ -331,8 +354,15 @@ def _negotiate_as_acceptor(
       accept what it then cannot send.
     - A lossy context is rejected when a lossless one of the same class is accepted for
       receiving: "lossy only when nothing else is proposed" holds across contexts too.
+    - A context on which the appliance would receive is rejected (abstract syntax not
+      supported) when the association may not store: its supported context's scu_role is off
+      (appliance.dicom.server narrows it for a peer that may retrieve but not store).
     """
     result, reply_roles = _negotiate_original(rq_contexts, ac_contexts, roles)
+    no_store = {str(cx.abstract_syntax) for cx in ac_contexts if cx.scu_role is False}
+    for context in result:
+        if context.result == 0x00 and context.as_scp and str(context.abstract_syntax) in no_store:
+            context.result = 0x03
     proposed = {cx.context_id: cx.transfer_syntax for cx in rq_contexts}
     for context in result:
         if context.result != 0x00 or not context.as_scu:

@@ -25,7 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from pynetdicom.dimse_primitives import N_ACTION
 
-from appliance.config import DestinationConfig
+from appliance.config import DestinationConfig, TlsConfig
 from appliance.dicom.door import ApplianceStopping, TrioDoor
 from appliance.dicom.server import Contexts, Handler
 from appliance.dicom.statuses import (
@@ -37,6 +37,7 @@ from appliance.dicom.statuses import (
     SUCCESS,
     status,
 )
+from appliance.dicom.tls import tls_args
 from appliance.log import get_logger
 from appliance.pipeline.workers import PixelWorkers
 from appliance.storage.files import file_sha256
@@ -78,7 +79,9 @@ class StorageCommitmentSCP:
         ae_title: str,
         destinations: tuple[DestinationConfig, ...],
         workers: PixelWorkers,
+        tls: TlsConfig | None = None,
     ) -> None:
+        self._tls = tls or TlsConfig()
         self._workers = workers
         self._store = store
         self._index = store.reader
@@ -264,7 +267,11 @@ class StorageCommitmentSCP:
         # On its own association the appliance is the requestor but acts as the SCP.
         role = build_role(STORAGE_COMMITMENT, scu_role=False, scp_role=True)
         assoc = ae.associate(
-            destination.host, destination.port, ae_title=destination.ae_title, ext_neg=[role]
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            ext_neg=[role],
+            tls_args=tls_args(self._tls, destination),
         )
         if not assoc.is_established:
             raise ConnectionError(f"cannot associate with {destination.ae_title}")

@@ -33,10 +33,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made a
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from appliance.config import DestinationConfig
+from appliance import audit
+from appliance.config import DestinationConfig, TlsConfig
 from appliance.dicom import matching
 from appliance.dicom._pynetdicom import StoredFile
-from appliance.dicom.server import Contexts, Handler
+from appliance.dicom.server import AuditedQuery, Contexts, Handler, audited, grant_of
 from appliance.dicom.statuses import (
     CANCELLED,
     IDENTIFIER_MISMATCH,
@@ -48,6 +49,7 @@ from appliance.dicom.statuses import (
     UNABLE_TO_PROCESS,
     status,
 )
+from appliance.dicom.tls import tls_args
 from appliance.log import get_logger
 from appliance.metrics import METRICS
 from appliance.storage.index import IndexReader
@@ -69,8 +71,17 @@ QR_SOP_CLASSES = [
     StudyRootQueryRetrieveInformationModelMove,
 ]
 
-QR_CONTEXTS: Contexts = [
-    (sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]) for sop_class in QR_SOP_CLASSES
+_FIND = {PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind}
+#: C-FIND (permission "query") and C-MOVE/C-GET (permission "retrieve").
+FIND_CONTEXTS: Contexts = [
+    (sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    for sop_class in QR_SOP_CLASSES
+    if sop_class in _FIND
+]
+RETRIEVE_CONTEXTS: Contexts = [
+    (sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    for sop_class in QR_SOP_CLASSES
+    if sop_class not in _FIND
 ]
 
 LEVELS = ["PATIENT", "STUDY", "SERIES", "IMAGE"]
@@ -149,10 +160,7 @@ ALWAYS_ALLOWED = {
 #: matching, the only option the SCP offers (relational queries, fuzzy semantic matching and
 #: timezone adjustment are answered 0).
 COMBINED_DATE_TIME = 1
-FIND_SOP_CLASSES = {
-    PatientRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelFind,
-}
+FIND_SOP_CLASSES = _FIND
 
 
 class InvalidIdentifier(Exception):
@@ -275,10 +283,15 @@ def _sop_class(event: evt.Event) -> str:
 
 class QueryRetrieveSCP:
     def __init__(
-        self, index: IndexReader, destinations: tuple[DestinationConfig, ...], ae_title: str
+        self,
+        index: IndexReader,
+        destinations: tuple[DestinationConfig, ...],
+        ae_title: str,
+        tls: TlsConfig | None = None,
     ) -> None:
         self._index = index
         self._destinations = {d.ae_title: d for d in destinations}
+        self._tls = tls or TlsConfig()
         #: Where the answers can be retrieved from: this AE (PS3.4 C.4.1.1.3.2).
         self._ae_title = ae_title
 
@@ -339,6 +352,11 @@ class QueryRetrieveSCP:
             yield answer
 
     def handle_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        return audited(self._find)(event)
+
+    def _find(
+        self, event: evt.Event, audit_query: AuditedQuery
+    ) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         started = time.perf_counter()
         calling_ae = event.assoc.requestor.ae_title
         METRICS.inc("c_find_total", service="query-retrieve")
@@ -398,6 +416,46 @@ class QueryRetrieveSCP:
     ) -> Iterator[tuple[int, Dataset | None]]:
         calling_ae = event.assoc.requestor.ae_title
         started = time.perf_counter()
+        requestor = event.assoc.requestor
+        # C-GET: to the requestor itself; C-MOVE: to the destination, for the requestor.
+        if verb == "move" and destination in self._destinations:
+            known = self._destinations[destination]
+            receiver = audit.peer_participant(destination, known.host, requestor=False)
+        else:
+            receiver = audit.peer_participant(calling_ae, requestor.address)
+        sender = audit.appliance_participant(self._ae_title)
+        planned = audit.Transfers.of_rows(rows)
+        audit.record(
+            audit.begin_transferring(source=sender, destination=receiver, studies=planned.studies())
+        )
+        sent_rows: list[sqlite3.Row] = []
+        try:
+            yield from self._each(event, rows, verb, sent_rows)
+        finally:
+            done = audit.Transfers.of_rows(sent_rows)
+            audit.record(
+                audit.instances_transferred(
+                    source=sender,
+                    destination=receiver,
+                    studies=done.studies() or planned.studies(),
+                    received=False,
+                    outcome=audit.SUCCESS if len(sent_rows) == len(rows) else audit.MINOR_FAILURE,
+                    description=f"C-{verb.upper()} by {calling_ae}: "
+                    f"{len(sent_rows)} of {len(rows)} sent",
+                )
+            )
+        log.info(
+            f"qr.{verb}",
+            calling_ae=calling_ae,
+            destination=destination,
+            instances=len(rows),
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+
+    def _each(
+        self, event: evt.Event, rows: list[sqlite3.Row], verb: str, sent_rows: list[sqlite3.Row]
+    ) -> Iterator[tuple[int, Dataset | None]]:
+        calling_ae = event.assoc.requestor.ae_title
         for sent, row in enumerate(rows):
             if event.is_cancelled:
                 log.info(
@@ -420,13 +478,7 @@ class QueryRetrieveSCP:
                     odd_lengths=None if row["odd_lengths"] is None else bool(row["odd_lengths"]),
                 ),
             )
-        log.info(
-            f"qr.{verb}",
-            calling_ae=calling_ae,
-            destination=destination,
-            instances=len(rows),
-            ms=round((time.perf_counter() - started) * 1000, 1),
-        )
+            sent_rows.append(row)
 
     def check_move(
         self, assoc: Association, request: C_MOVE, identifier: Dataset
@@ -445,6 +497,18 @@ class QueryRetrieveSCP:
                 calling_ae=calling_ae,
             )
             return status(MOVE_DESTINATION_UNKNOWN, f"Move destination {target} is not configured")
+        if not self._may_move_to(assoc, target):
+            log.warning(
+                "security.move_refused",
+                phase="permissions",
+                destination=target,
+                calling_ae=calling_ae,
+                address=assoc.requestor.address,
+            )
+            METRICS.inc("move_refusals_total", destination=target)
+            # A801: for this peer, no destination by that name exists (dcmtk and viewers know
+            # only the C-MOVE statuses of PS3.4 C.4.2.1.5, not the general 0124 Not Authorized).
+            return status(MOVE_DESTINATION_UNKNOWN, f"{calling_ae} may not move to {target}")
         try:
             self._retrieve_level(identifier, str(request.AffectedSOPClassUID or ""))
         except InvalidIdentifier as exc:
@@ -470,6 +534,11 @@ class QueryRetrieveSCP:
             )
         return None
 
+    @staticmethod
+    def _may_move_to(assoc: Association, target: str) -> bool:
+        grant = grant_of(assoc)
+        return grant is not None and grant.may_move_to(target)
+
     def handle_get(self, event: evt.Event) -> Iterator[int | tuple[int | Dataset, Dataset | None]]:
         METRICS.inc("retrieve_total", verb="c-get")
         try:
@@ -486,7 +555,7 @@ class QueryRetrieveSCP:
         METRICS.inc("retrieve_total", verb="c-move")
         target = str(event.move_destination).strip()
         known = self._destinations.get(target)
-        if known is None:
+        if known is None or not self._may_move_to(event.assoc, target):
             log.warning("qr.retrieve_rejected", phase="destination", destination=target)
             yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown
             return
@@ -501,6 +570,6 @@ class QueryRetrieveSCP:
         contexts = StoredFile.contexts_for(
             {(r["sop_class_uid"], r["transfer_syntax_uid"]) for r in rows}
         )
-        yield known.host, known.port, {"contexts": contexts}
+        yield known.host, known.port, {"contexts": contexts, "tls_args": tls_args(self._tls, known)}
         yield len(rows)
         yield from self._send(event, rows, "move", target)

@@ -10,13 +10,16 @@ association stays usable.
 from __future__ import annotations
 
 import sqlite3
+import weakref
 from pathlib import Path
 from typing import Any, cast
 
 from pydicom import Dataset
 from pynetdicom import AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 
+from appliance import audit
 from appliance.db import is_full
 from appliance.dicom import statuses
 from appliance.dicom._pynetdicom import received_spool_file
@@ -56,9 +59,32 @@ class StorageSCP:
         self._store = store
         self._door = door
         self._floor = floor
+        #: What each association has stored, audited by study when it ends.
+        self._received: weakref.WeakKeyDictionary[Association, audit.Transfers] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def handlers(self) -> list[Handler]:
-        return [(evt.EVT_C_STORE, self.handle_store)]
+        return [
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_RELEASED, self._association_ended),
+            (evt.EVT_ABORTED, self._association_ended),
+        ]
+
+    def _association_ended(self, event: evt.Event) -> None:
+        received = self._received.pop(event.assoc, None)
+        if not received:
+            return
+        requestor, acceptor = event.assoc.requestor, event.assoc.acceptor
+        audit.record(
+            audit.instances_transferred(
+                source=audit.peer_participant(requestor.ae_title, requestor.address),
+                destination=audit.appliance_participant(acceptor.ae_title),
+                studies=received.studies(),
+                received=True,
+                description="" if event.event is evt.EVT_RELEASED else "association aborted",
+            )
+        )
 
     def handle_store(self, event: evt.Event) -> int | Dataset:
         result = self._store_one(event)
@@ -145,6 +171,13 @@ class StorageSCP:
             **context,
         )
         METRICS.inc("c_store_bytes_total", size)
+        self._received.setdefault(event.assoc, audit.Transfers()).add(
+            instance.study_instance_uid,
+            instance.patient_id or "",
+            instance.accession_number or "",
+            instance.sop_class_uid,
+            instance.sop_instance_uid,
+        )
         if outcome is Outcome.CONFLICT:
             return status(
                 statuses.DUPLICATE_CONFLICT, "UID already stored with other content; kept aside"

@@ -30,7 +30,7 @@ from appliance.dicom import encoded, matching, statuses
 from appliance.dicom._pynetdicom import PendingFindWriter
 from appliance.dicom.charsets import codecs_for, encode_for
 from appliance.dicom.door import ApplianceStopping, TrioDoor
-from appliance.dicom.server import Contexts, Handler
+from appliance.dicom.server import AuditedQuery, Contexts, Handler, audited
 from appliance.dicom.statuses import (
     CANCELLED,
     IDENTIFIER_MISMATCH,
@@ -46,10 +46,8 @@ from appliance.worklist.store import IN_PROGRESS, UID_ROOT, WorklistItem, Workli
 log = get_logger("worklist-scp")
 
 _UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"]
-WORKLIST_CONTEXTS: Contexts = [
-    (ModalityWorklistInformationFind, _UNCOMPRESSED),
-    (ModalityPerformedProcedureStep, _UNCOMPRESSED),
-]
+WORKLIST_CONTEXTS: Contexts = [(ModalityWorklistInformationFind, _UNCOMPRESSED)]
+MPPS_CONTEXTS: Contexts = [(ModalityPerformedProcedureStep, _UNCOMPRESSED)]
 
 #: What each MPPS refusal is answered with (PS3.4 F.7.2), and its Error ID where one is named.
 REFUSAL_STATUS = {
@@ -285,6 +283,11 @@ class WorklistSCP:
         return self._config.character_set
 
     def handle_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        return audited(self._find)(event)
+
+    def _find(
+        self, event: evt.Event, audit_query: AuditedQuery
+    ) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         METRICS.inc("c_find_total", service="worklist")
         started = time.perf_counter()
         calling_ae = event.assoc.requestor.ae_title
@@ -314,6 +317,7 @@ class WorklistSCP:
                 if full is None or not matching.matches(query, full):
                     continue
                 answered += 1
+                audit_query.answered(full)
                 if writer is not None:
                     writer.send(
                         encoded.project(

@@ -19,6 +19,7 @@ import httpx
 import trio
 from attrs import frozen
 
+from appliance import audit
 from appliance.config import strict_converter
 from appliance.identity import IdentityError
 from appliance.log import get_logger
@@ -191,6 +192,20 @@ def manage_health(health: dict[str, Any], listener_uptime_s: float) -> dict[str,
     }
 
 
+#: Actions that create (C), update (U) or delete (D) a woman's worklist record.
+PATIENT_RECORD_ACTIONS = {
+    "worklist.create_item": "C",
+    "worklist.create_test_item": "C",
+    "worklist.update_status": "U",
+    "worklist.cancel_item": "D",
+    "worklist.remove_test_item": "D",
+}
+
+
+def action_id_of(message: Any) -> str:
+    return str(message.get("action_id") or "") if isinstance(message, dict) else ""
+
+
 class CloudActions:
     """The cloud's actions (over the relay) and the operator's (over the control socket).
 
@@ -214,7 +229,10 @@ class CloudActions:
         listener_uptime: Callable[[], float] = lambda: 0.0,
         deadline_s: float = DEADLINE_S,
         probe: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+        cloud_identity: str = "cloud",
     ) -> None:
+        #: Who the audit trail names for a relay action (the hybrid connection it came on).
+        self._cloud_identity = cloud_identity
         #: "manage": every reply in the NHS Manage contract's exact shape (docs/cloud.md).
         self._manage = profile == "manage"
         self._zone = zoneinfo.ZoneInfo(scheduled_zone)
@@ -263,6 +281,10 @@ class CloudActions:
         """One action in, one reply out; never raises. `channel` is the rendezvous WebSocket,
         for actions that stream before their reply (image.fetch)."""
         action_id = None
+        action_type: Any = None
+        message: Any = {}
+        about = ("", "")
+        received = datetime.datetime.now(datetime.UTC)
         try:
             message = json.loads(text)
             if not isinstance(message, dict):
@@ -282,6 +304,8 @@ class CloudActions:
                 and not local
                 and self._background is not None
             )
+            if action_type in PATIENT_RECORD_ACTIONS:
+                about = await self._patient_of(message)
             unbounded = action_type in UNBOUNDED and not after_reply
             limit = math.inf if unbounded else self._deadline
             with trio.move_on_after(limit) as deadline:
@@ -316,12 +340,59 @@ class CloudActions:
         except Exception as exc:  # a store or disk error: a structured reply, not a dead channel
             log.exception("action.failed", phase="action", action_id=action_id)
             reply = {"status": "error", "message": f"internal error: {type(exc).__name__}: {exc}"}
+        if action_type in PATIENT_RECORD_ACTIONS:
+            who = "control-socket" if local else self._cloud_identity
+            self._audit(action_type, message, reply, about, who, received)
         if self._manage:
             # The contract's shapes exactly: action_id only where Manage's gateway puts it.
             if reply.get("status") in ("created", "exists", "ok"):  # in the NHS gateway's order
                 reply = {"status": reply["status"], "action_id": action_id} | reply
             return json.dumps(reply)
         return json.dumps({**reply, "action_id": action_id})
+
+    async def _patient_of(self, message: Any) -> tuple[str, str]:
+        """The (patient ID, accession) a worklist action is about, looked up before the action
+        changes or removes the item."""
+        parameters = message.get("parameters") if isinstance(message, dict) else None
+        parameters = parameters if isinstance(parameters, dict) else {}
+        item = parameters.get("worklist_item")
+        item = item if isinstance(item, dict) else {}
+        participant = item.get("participant")
+        participant = participant if isinstance(participant, dict) else {}
+        accession = str(item.get("accession_number") or parameters.get("accession_number") or "")
+        patient = str(participant.get("nhs_number") or "")
+        if not patient and accession:
+            try:
+                known = await trio.to_thread.run_sync(self._worklist.get, accession)
+                patient = known.patient_id if known else ""
+            except Exception:  # the audit names what it can; the action goes ahead
+                patient = ""
+        return patient, accession
+
+    def _audit(
+        self,
+        action_type: str,
+        message: Any,
+        reply: dict[str, Any],
+        about: tuple[str, str],
+        who: str,
+        received: datetime.datetime,
+    ) -> None:
+        """A worklist item's Patient Record audit message (PS3.15 A.5.3.8), whatever became
+        of the action."""
+        failed = reply.get("status") == "error"
+        audit.record(
+            audit.patient_record(
+                action=PATIENT_RECORD_ACTIONS[action_type],
+                patient_id=about[0],
+                accession=about[1],
+                cloud=who,
+                when=received,
+                outcome=audit.MINOR_FAILURE if failed else audit.SUCCESS,
+                description=f"{action_type} {action_id_of(message)}: {reply.get('status')}"
+                + (f" ({reply.get('message')})" if failed else ""),
+            )
+        )
 
     async def _create_item(
         self, parameters: Any, message: dict[str, Any], test: bool = False

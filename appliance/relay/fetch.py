@@ -24,6 +24,7 @@ from typing import Any
 import trio
 from attrs import frozen
 
+from appliance import audit
 from appliance.log import get_logger
 from appliance.storage.store import InstanceStore
 
@@ -79,6 +80,9 @@ class Bandwidth:
 
 
 class ImageFetch:
+    #: Who the audit trail names as the fetching party.
+    cloud_identity = "cloud"
+
     def __init__(
         self,
         store: InstanceStore,
@@ -121,10 +125,28 @@ class ImageFetch:
 
     async def run(self, request: FetchRequest, channel: Any) -> dict[str, Any]:
         plan = await trio.to_thread.run_sync(self._plan, request)
-        async with self._slots:
-            total = 0
-            for index, (row, offset) in enumerate(plan):
-                total += await self._send_one(row, offset, index, len(plan), channel)
+        studies = audit.Transfers.of_rows(row for row, _ in plan).studies()
+        sender = audit.appliance_participant()
+        receiver = audit.Participant(self.cloud_identity, requestor=True)
+        audit.record(audit.begin_transferring(source=sender, destination=receiver, studies=studies))
+        sent: list[sqlite3.Row] = []
+        total = 0
+        try:
+            async with self._slots:
+                for index, (row, offset) in enumerate(plan):
+                    total += await self._send_one(row, offset, index, len(plan), channel)
+                    sent.append(row)
+        finally:
+            audit.record(
+                audit.instances_transferred(
+                    source=sender,
+                    destination=receiver,
+                    studies=audit.Transfers.of_rows(sent).studies() or studies,
+                    received=False,
+                    outcome=audit.SUCCESS if len(sent) == len(plan) else audit.MINOR_FAILURE,
+                    description=f"image.fetch: {len(sent)} of {len(plan)} sent",
+                )
+            )
         log.info("fetch.done", instances=len(plan), bytes=total)
         return {"status": "done", "instances": len(plan), "bytes": total}
 
