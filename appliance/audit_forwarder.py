@@ -136,7 +136,7 @@ class AuditForwarder:
             "sent": self.sent,
             "bytes_waiting": behind,
             "last_error": self.last_error,
-            "failing": bool(self.last_error) and not self.connected,
+            "failing": None if self.connected else self.last_error,
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

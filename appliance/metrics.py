@@ -89,6 +89,11 @@ def _sample(name: str, labels: Mapping[str, object], value: float) -> str:
     return f"{PREFIX}{name}{{{text}}} {number}" if text else f"{PREFIX}{name} {number}"
 
 
+def _seconds_until(moment: str) -> float:
+    when = datetime.datetime.fromisoformat(moment)
+    return round((when - datetime.datetime.now(datetime.UTC)).total_seconds())
+
+
 def gauges(status: dict[str, Any]) -> dict[str, tuple[str, list[tuple[dict[str, object], float]]]]:
     """Gauges from what `appliance status` reads (appliance.status.read)."""
     outbox, disk = status["outbox"], status["disk"]
@@ -116,7 +121,7 @@ def gauges(status: dict[str, Any]) -> dict[str, tuple[str, list[tuple[dict[str, 
         "tls_certificate_expiry_seconds": (
             "Seconds until each TLS listener's certificate expires",
             [
-                ({"listener": name}, round(tls["days_left"] * 86400))
+                ({"listener": name}, _seconds_until(tls["certificate_not_after"]))
                 for name, tls in sorted((status.get("tls") or {}).items())
             ],
         ),

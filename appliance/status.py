@@ -316,6 +316,12 @@ def render(status: dict[str, Any]) -> str:
     ports = status.get("ports", {})
     if ports:
         lines.append("ports: " + ", ".join(f"{k} {v}" for k, v in sorted(ports.items())))
+    for name, tls in sorted((status.get("tls") or {}).items()):
+        warning = " - RENEW IT" if tls["days_left"] < 21 else ""
+        lines.append(
+            f"tls {name}: certificate valid until {tls['certificate_not_after']}"
+            f" ({tls['days_left']} days){warning}"
+        )
     lines.append(f"associations in progress: {status.get('associations', 0)}")
     lines.append(
         f"images today: {status['images_today']}, pipeline backlog: "

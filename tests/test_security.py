@@ -629,3 +629,59 @@ def test_one_selftest_leaves_its_trail_with_participants_and_identifiers(tmp_pat
     assert sum(images.studies.values()) >= 1
     assert {w["UserID"] for w in images.who} == {"SELFTEST", "SCREENING_PACS"}
     assert created[0].when < worklist_query.when < images.when < removed[0].when
+
+
+def test_the_policy_judges_pairs_ranges_names_and_mapped_addresses():
+    from appliance import config
+    from appliance.dicom.peers import Grant, PeerPolicy, Refusal
+
+    dicom = config.structure(
+        {
+            "dicom": {
+                "peers": [
+                    {"ae_title": "MG1", "addresses": ["10.20.1.16/28", "fd00::/64"]},
+                    {"ae_title": "WS1", "addresses": ["localhost"], "permissions": ["query"]},
+                ]
+            }
+        }
+    ).dicom
+    policy = PeerPolicy(dicom)
+    judged = policy.judge("MG1", "::ffff:10.20.1.20", tls=False, certificate=None)
+    assert isinstance(judged, Grant)
+    assert judged.permissions == {"store", "commit", "worklist", "mpps"}
+    assert judged.may_move_to("MG1")
+    assert not judged.may_move_to("WS1")
+    assert isinstance(policy.judge("MG1", "fd00::7", tls=False, certificate=None), Grant)
+    # The pair, not the sets: WS1's address with MG1's title, MG1's title from outside its range.
+    assert isinstance(policy.judge("MG1", "127.0.0.1", tls=False, certificate=None), Refusal)
+    assert isinstance(policy.judge("MG1", "10.20.1.32", tls=False, certificate=None), Refusal)
+    ws1 = policy.judge("WS1", "127.0.0.1", tls=False, certificate=None)
+    assert isinstance(ws1, Grant)
+    assert ws1.permissions == {"query"}
+    assert policy.address_known("10.20.1.17")
+    assert not policy.address_known("10.20.1.32")
+    assert not policy.address_known("not-an-address")
+
+
+def test_a_connection_from_an_address_no_peer_has_is_closed_before_any_pdu(tmp_path, dcmtk):
+    addresses = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+    outside = next((a for a in addresses if "." in a and not a.startswith("127.")), None)
+    if outside is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to connect from")
+    config = write_config(
+        tmp_path,
+        {"dicom": {"host": "0.0.0.0", "peers": [{"ae_title": "MG1", "addresses": ["10.9.9.9"]}]}},
+    )
+    with ApplianceProcess(config) as app:
+        refused = subprocess.run(
+            ["echoscu", "-aet", "MG1", "-aec", "SCREENING_PACS", outside,
+             str(app.ports["storage"])],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert refused.returncode != 0
+        deadline = time.monotonic() + 10
+        while f'phase=peer-address reason="{outside} is not' not in app.log():
+            assert time.monotonic() < deadline, app.log()[-1500:]
+            time.sleep(0.1)
+    [alert] = security_alerts(app)
+    assert alert.who[0]["NetworkAccessPointID"] == outside

@@ -18,7 +18,12 @@ SITE_DROP_IN = (
 )
 
 
-def site_settings(storage_port: int, worklist_port: int, arc: bool = False) -> str:
+TLS_CREDENTIALS = ["dicom-tls.crt", "dicom-tls.key", "dicom-tls-ca.crt", "audit-ca.crt"]
+
+
+def site_settings(
+    storage_port: int, worklist_port: int, arc: bool = False, credentials: list[str] | None = None
+) -> str:
     """The role's drop-in for a site, rendered as Ansible renders it."""
     import jinja2
 
@@ -29,6 +34,10 @@ def site_settings(storage_port: int, worklist_port: int, arc: bool = False) -> s
         screening_gateway_worklist_port=worklist_port,
         screening_gateway_arc_identity=arc,
         screening_gateway_arc_endpoint="http://localhost:40342",
+        screening_gateway_tls_enabled=bool(credentials),
+        screening_gateway_storage_tls_port=2762,
+        screening_gateway_worklist_tls_port=2763,
+        screening_gateway_tls_credentials=credentials or [],
     )
 
 
@@ -44,8 +53,8 @@ def test_the_arc_identity_adds_its_endpoint_and_group_and_nothing_else():
 
 
 @pytest.fixture(
-    params=[(4244, 4243), (104, 4243), (4244, 4243, True)],
-    ids=["unprivileged-ports", "port-104", "arc-identity"],
+    params=[(4244, 4243), (104, 4243), (4244, 4243, True), (4244, 4243, False, TLS_CREDENTIALS)],
+    ids=["unprivileged-ports", "port-104", "arc-identity", "tls-credentials"],
 )
 def unit(request, tmp_path) -> Path:
     """The unit as a site runs it: the reviewed file plus the role's drop-in (appended: later

@@ -78,7 +78,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from appliance.dicom.peers import PeerPolicy
+    from appliance.dicom.tls import ServerTls, TlsError
+
     config = load(args)
+    try:  # the files a listener would load: a certificate that cannot be used fails here
+        policy = PeerPolicy(config.dicom)
+        if config.dicom.tls.enabled:
+            ServerTls(config.dicom.tls, policy.pinned_certificates())
+    except (TlsError, ValueError) as exc:
+        print(f"config: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(config_module.effective(config), indent=2))
     print(f"config ok: {config_path(args)}", file=sys.stderr)
     return 0

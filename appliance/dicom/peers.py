@@ -136,14 +136,15 @@ class PeerPolicy:
         return not self._peers
 
     def address_known(self, address: str) -> bool:
-        """Whether any peer connects from this address (checked before any PDU is read)."""
+        """Whether any peer connects from this address (checked before any PDU is read).
+        Loopback is the box itself (its health checks, selftest): judged on the pair only."""
         if self.open:
             return True
         try:
             parsed = normalised(address)
         except ValueError:
             return False
-        return any(peer.has(parsed) for peer in self._peers)
+        return parsed.is_loopback or any(peer.has(parsed) for peer in self._peers)
 
     def judge(
         self, ae_title: str, address: str, *, tls: bool, certificate: bytes | None

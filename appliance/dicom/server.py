@@ -169,6 +169,11 @@ class _AssociationServer(ThreadedAssociationServer):
                 request.settimeout(HANDSHAKE_TIMEOUT_S)
                 request.do_handshake()
                 request.settimeout(timeout)
+            except (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError):
+                # Closed before a ClientHello: a port probe (the appliance's own health check).
+                log.debug("tls.closed_before_handshake", server=self.service_name)
+                self.shutdown_request(request)
+                return
             except (OSError, ssl.SSLError) as exc:
                 reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
                 refusal = Refusal("tls", f"TLS handshake failed: {reason}")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The real converge: boot a Debian bookworm systemd container (systemd-nspawn), provision it
 # with ansible/site.yml, and check what operators rely on: the service is active and answers
-# C-ECHO, a second run changes nothing, SIGKILL leads to a restart, stop is clean, the journal
-# has the appliance's structured lines, and the sandboxed codecs render a JPEG 2000 image.
+# C-ECHO (plain, and over DICOM TLS with a certificate the role provisioned as a credential), a
+# second run changes nothing, SIGKILL leads to a restart, stop is clean, the journal has the
+# appliance's structured lines, and the sandboxed codecs render a JPEG 2000 image.
 #
 # Run as root: `just test-deploy-live`. The rootfs is built once (mmdebstrap) and cached in
 # $SGW_ROOTFS (default /var/cache/screening-gateway-deploy/bookworm-<hash of its packages>); each run boots it with
@@ -79,7 +80,20 @@ in_net "$venv/appliance-dev" relay-emulator --host 127.0.0.1 --port 9400 \
     --key-file "$work/relay.key" >"$work/emulator.log" 2>&1 &
 emulator=$!
 
-step "inventory (relay key from Ansible Vault)"
+step "the site's PKI: a CA, the gateway's certificate, a unit's client certificate (openssl)"
+pki=$work/pki
+mkdir -p "$pki"
+openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=live-site-ca -keyout "$pki/ca.key" \
+    -out "$pki/ca.crt" -addext basicConstraints=critical,CA:TRUE -addext keyUsage=keyCertSign 2>/dev/null
+for leaf in gateway unit; do
+    openssl req -new -newkey rsa:2048 -nodes -subj "/CN=$leaf" -keyout "$pki/$leaf.key" \
+        -out "$pki/$leaf.csr" 2>/dev/null
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$pki/$leaf.ext"
+    openssl x509 -req -in "$pki/$leaf.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+        -days 20 -extfile "$pki/$leaf.ext" -out "$pki/$leaf.crt" 2>/dev/null
+done
+
+step "inventory (relay key and TLS key from Ansible Vault)"
 mkdir -p "$work/inventory/host_vars/$machine"
 head -c 24 /dev/urandom | base64 >"$work/vault-pass"
 cat >"$work/inventory/hosts.yml" <<YAML
@@ -93,6 +107,12 @@ YAML
 cat >"$work/inventory/host_vars/$machine/main.yml" <<YAML
 screening_gateway_modalities:
   - {name: Test unit, ae_title: LIVE_MG1, address: 127.0.0.1}
+screening_gateway_peers:
+  - {name: TLS unit, ae_title: LIVE_MG2, addresses: [127.0.0.1], client_certificate: ca}
+screening_gateway_tls_enabled: true
+screening_gateway_tls_certificate: "{{ lookup('file', '$pki/gateway.crt') }}"
+screening_gateway_tls_key: "{{ vault_tls_key }}"
+screening_gateway_tls_ca: "{{ lookup('file', '$pki/ca.crt') }}"
 screening_gateway_relay_enabled: true
 screening_gateway_relay_namespace: "127.0.0.1:9400"
 screening_gateway_relay_endpoint: ws://127.0.0.1:9400
@@ -101,6 +121,8 @@ host_hardening_ntp_servers: []
 YAML
 "$venv/ansible-vault" encrypt_string --vault-password-file "$work/vault-pass" \
     --name vault_relay_key "$(cat "$work/relay.key")" >"$work/inventory/host_vars/$machine/vault.yml" 2>/dev/null
+"$venv/ansible-vault" encrypt_string --vault-password-file "$work/vault-pass" \
+    --name vault_tls_key "$(cat "$pki/gateway.key")" >>"$work/inventory/host_vars/$machine/vault.yml" 2>/dev/null
 
 converge() {
     (cd ansible && ANSIBLE_FORCE_COLOR=0 "$venv/ansible-playbook" -i "$work/inventory" site.yml \
@@ -116,6 +138,11 @@ if grep -q "relay-key\|$(cat "$work/relay.key")" "$work/converge-1.log"; then
     fail "the relay key appears in the converge output"
 else
     pass "the relay key appears nowhere in the converge output"
+fi
+if grep -q "PRIVATE KEY\|$(sed -n 2p "$pki/gateway.key")" "$work/converge-1.log"; then
+    fail "the TLS key appears in the converge output"
+else
+    pass "the TLS key appears nowhere in the converge output"
 fi
 
 step "second converge"
@@ -150,6 +177,19 @@ if in_net /usr/bin/echoscu -aet LIVE_MG1 -aec SCREENING_PACS 127.0.0.1 4244 \
     pass "C-ECHO answered on the storage and worklist ports"
 else
     fail "C-ECHO"
+fi
+tls_unit=(+tls "$pki/unit.key" "$pki/unit.crt" +cf "$pki/ca.crt")
+if in_net /usr/bin/echoscu -aet LIVE_MG2 -aec SCREENING_PACS "${tls_unit[@]}" 127.0.0.1 2762 \
+    && in_net /usr/bin/echoscu -aet LIVE_MG2 -aec SCREENING_MWL "${tls_unit[@]}" 127.0.0.1 2763; then
+    pass "C-ECHO over DICOM TLS (mutual, the site CA) on 2762 and 2763, credentials by LoadCredential"
+else
+    inside journalctl -u screening-gateway --no-pager -o cat | grep -i "tls\|refused" | tail -5 || true
+    fail "TLS C-ECHO"
+fi
+if in_net /usr/bin/echoscu -aet LIVE_MG2 -aec SCREENING_PACS +tla +cf "$pki/ca.crt" 127.0.0.1 2762 2>/dev/null; then
+    fail "a mutual-TLS peer was let in without its certificate"
+else
+    pass "the mutual-TLS peer without a client certificate is refused"
 fi
 # (Captured first: with pipefail, `nft ... | grep -q` fails whenever grep exits before nft.)
 table=$(inside nft list table inet screening_gateway || true)
