@@ -315,7 +315,12 @@ class AuditTrail:
         """Write one message; a trail that cannot be written is logged and counted, never
         raised into the DICOM service that reported the event."""
         METRICS.inc("audit_messages_total", event=event.event)
-        line = to_xml(event, self.source_id)
+        try:
+            line = to_xml(event, self.source_id)
+        except Exception as exc:  # a value the XML cannot carry: counted, never raised
+            METRICS.inc("audit_failures_total")
+            log.error("audit.write_failed", phase="encode", event_name=event.event, error=str(exc))
+            return
         with self._lock:
             if self._fd < 0:
                 self._waiting.append(line)

@@ -433,9 +433,11 @@ def request_commitment(port: int, request: Any, calling: str = "COMMITTER") -> i
     return int(rsp.Status)
 
 
-def hear_commitment(port: int, listen_port: int, request: Any, calling: str = "COMMITTER") -> Any:
+def hear_commitment(
+    port: int, listen_port: int, request: Any, calling: str = "COMMITTER", ssl_context: Any = None
+) -> Any:
     """Request commitment as `calling`; the N-EVENT-REPORT heard on `listen_port`, where the
-    appliance's [[dicom.destinations]] entry for `calling` points."""
+    appliance's [[dicom.destinations]] entry for `calling` points (over TLS with ssl_context)."""
     import threading
 
     from pynetdicom import AE, evt
@@ -451,7 +453,10 @@ def hear_commitment(port: int, listen_port: int, request: Any, calling: str = "C
     listener = AE(calling)
     listener.add_supported_context(STORAGE_COMMITMENT, scp_role=True, scu_role=False)
     server = listener.start_server(
-        ("127.0.0.1", listen_port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)]
+        ("127.0.0.1", listen_port),
+        block=False,
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
+        ssl_context=ssl_context,
     )
     try:
         assert request_commitment(port, request, calling) == 0x0000

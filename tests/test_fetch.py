@@ -9,6 +9,7 @@ import pydicom
 import pytest
 import trio
 
+from appliance import audit
 from appliance.relay.endpoint import RelayEndpoint
 from appliance.relay.fetch import Bandwidth
 from appliance.state import StatePaths
@@ -16,6 +17,7 @@ from appliance.testing import synthetic
 from appliance.testing.cloud import FetchFailed, fetch, send_action
 from tests.support import send_files
 from tests.test_relay import KEY, KEY_NAME, cloud_and_appliance
+from tests.test_security import trail
 
 pytestmark = pytest.mark.usefixtures("dcmtk")
 
@@ -74,6 +76,17 @@ async def test_a_study_fetch_resumes_after_a_dropped_connection(tmp_path, nurser
     log = app.log()
     assert "phase=control-channel" in log  # the listener saw the cut too, and came back
     assert log.count("fetch.done") == 1  # the resumed one
+    # The audit trail: what the cloud was sent, the cut fetch as a partial transfer.
+    sent = [e for e in trail(app) if e.event == "DICOM Instances Transferred"]
+    assert [e.action for e in sent] == ["C", "R", "R"]  # stored, then the cut and the resumed
+    cut, resumed = sent[1:]
+    assert (cut.outcome, resumed.outcome) == (audit.MINOR_FAILURE, audit.SUCCESS)
+    assert set(resumed.studies) == {study}
+    source, receiver = (w["UserID"] for w in resumed.who)
+    assert source == "SCREENING_GATEWAY"
+    assert receiver.startswith("relay:")
+    assert receiver.endswith("/actions")
+    assert "image.fetch" in resumed.description
 
 
 @pytest.mark.system

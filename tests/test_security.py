@@ -11,6 +11,7 @@ import base64
 import json
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,7 +24,14 @@ import pytest
 from appliance import audit
 from appliance.testing import synthetic
 from tests.conftest import require
-from tests.support import ApplianceProcess, free_port, index_rows, write_config
+from tests.support import (
+    ApplianceProcess,
+    commitment_request,
+    free_port,
+    hear_commitment,
+    index_rows,
+    write_config,
+)
 
 SMALL = (64, 48)
 UNIT_ONLY = ["store", "commit", "worklist", "mpps"]
@@ -258,7 +266,7 @@ def pki(tmp_path_factory):
 
 @pytest.fixture
 def tls_site(tmp_path, pki, dcmtk):
-    destination_port = free_port()
+    destination_port, committer_port = free_port(), free_port()
     key, cert = pki["server"]
     config = write_config(
         tmp_path,
@@ -291,15 +299,32 @@ def tls_site(tmp_path, pki, dcmtk):
                         "permissions": ["query", "retrieve"],
                         "move_to": ["DEST"],
                     },
+                    {"ae_title": "COMMITTER", "addresses": ["127.0.0.1"]},
                 ],
                 "destinations": [
-                    {"ae_title": "DEST", "host": "127.0.0.1", "port": destination_port, "tls": True}
+                    {
+                        "ae_title": "DEST",
+                        "host": "127.0.0.1",
+                        "port": destination_port,
+                        "tls": True,
+                    },
+                    {
+                        "ae_title": "COMMITTER",
+                        "host": "localhost",
+                        "port": committer_port,
+                        "tls": True,
+                    },
                 ],
             }
         },
     )
     with ApplianceProcess(config) as app:
-        yield {"app": app, "dest_port": destination_port, "root": tmp_path}
+        yield {
+            "app": app,
+            "dest_port": destination_port,
+            "committer_port": committer_port,
+            "root": tmp_path,
+        }
 
 
 def with_cert(pki, name: str) -> list[str]:
@@ -394,6 +419,24 @@ def test_a_move_to_a_tls_destination_goes_over_tls(tls_site, pki, tmp_path):
             ]
         finally:
             storescp.terminate()
+
+
+def test_a_commitment_report_goes_over_mutual_tls_to_a_tls_destination(tls_site, pki, tmp_path):
+    app = tls_site["app"]
+    ds = synthetic.mammogram(shape=SMALL)
+    path = tmp_path / "in" / "one.dcm"
+    path.parent.mkdir()
+    ds.save_as(path, enforce_file_format=True)
+    assert tool("storescu", app.ports["storage"], str(path), calling="UNIT1").returncode == 0
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki["ca"]))
+    context.load_cert_chain(pki["dest"][1], pki["dest"][0])
+    context.verify_mode = ssl.CERT_REQUIRED  # the appliance must present its certificate
+    request = commitment_request([(ds.SOPClassUID, ds.SOPInstanceUID)])
+    report = hear_commitment(
+        app.ports["storage"], tls_site["committer_port"], request, ssl_context=context
+    )
+    [committed] = report.ReferencedSOPSequence
+    assert committed.ReferencedSOPInstanceUID == ds.SOPInstanceUID
 
 
 def test_certificate_expiry_in_status_and_metrics(tls_site, pki):
@@ -685,3 +728,73 @@ def test_a_connection_from_an_address_no_peer_has_is_closed_before_any_pdu(tmp_p
             time.sleep(0.1)
     [alert] = security_alerts(app)
     assert alert.who[0]["NetworkAccessPointID"] == outside
+
+
+def test_the_trail_rotates_keeps_its_newest_files_and_the_cursor_follows(tmp_path):
+    from appliance.audit_forwarder import Cursor, frame
+
+    trail_ = audit.AuditTrail()
+    directory = tmp_path / "audit"
+    trail_.open(directory, source_id="sgw-test", rotate_mb=0.004, keep_files=3)  # ~4 KB files
+    cursor = Cursor(directory)
+    sent: list[str] = []
+    for n in range(60):
+        trail_.record(audit.authentication_failed(f"entra:test{n}", f"reason {n}"))
+        if n % 7 == 0:  # the forwarder catches up now and then, across rotations
+            found, name, offset = cursor.pending(*cursor.load())
+            sent += found
+            cursor.save(name, offset)
+    trail_.close()
+    found, name, offset = cursor.pending(*cursor.load())
+    sent += found
+    kept = audit.files(directory)
+    assert len(kept) == 3
+    assert all(path.stat().st_mode & 0o777 == 0o600 for path in kept)
+    assert directory.stat().st_mode & 0o777 == 0o700
+    on_disk = list(audit.lines(directory))
+    assert sent[-len(on_disk) :] == on_disk  # every kept message sent, in order, once
+    assert len(sent) == len(set(sent))
+    assert sent[-1].count("entra:test59") == 1
+    framed = frame(on_disk[0], "sgw-test", 42)
+    length, _, message = framed.partition(b" ")
+    assert int(length) == len(message)
+    assert message.startswith(b"<85>1 ")
+    assert b" sgw-test screening-gateway 42 IHE+RFC-3881 - \xef\xbb\xbf<AuditMessage>" in message
+
+
+def test_a_message_is_the_schemas_shape():
+    event = audit.instances_transferred(
+        source=audit.peer_participant("MG1", "10.0.0.1"),
+        destination=audit.appliance_participant("PACS"),
+        studies=[
+            audit.StudyTransfer(
+                "1.2.3", "9434765919", ("ACC1",), {"1.2.840.10008.5.1.4.1.1.1.2": ("1.2.3.4",)}
+            )
+        ],
+        received=True,
+    )
+    message = ET.fromstring(audit.to_xml(event, "sgw"))
+    identification = message.find("EventIdentification")
+    assert identification.get("EventActionCode") == "C"
+    assert identification.find("EventID").attrib == {
+        "csd-code": "110104", "codeSystemName": "DCM", "originalText": "DICOM Instances Transferred"
+    }  # fmt: skip
+    source, destination = message.findall("ActiveParticipant")
+    assert source.get("UserIsRequestor") == "true"
+    assert source.get("NetworkAccessPointTypeCode") == "2"
+    assert source.find("RoleIDCode").get("csd-code") == "110153"
+    assert destination.find("RoleIDCode").get("csd-code") == "110152"
+    assert message.find("AuditSourceIdentification").get("AuditSourceID") == "sgw"
+    study, patient = message.findall("ParticipantObjectIdentification")
+    assert (study.get("ParticipantObjectTypeCode"), study.get("ParticipantObjectTypeCodeRole")) == (
+        "2",
+        "3",
+    )
+    assert study.find("ParticipantObjectIDTypeCode").get("csd-code") == "110180"
+    assert study.find("SOPClass").get("NumberOfInstances") == "1"
+    assert study.find("Accession").get("Number") == "ACC1"
+    assert (
+        patient.get("ParticipantObjectTypeCode"),
+        patient.get("ParticipantObjectTypeCodeRole"),
+    ) == ("1", "1")
+    assert patient.get("ParticipantObjectID") == "9434765919"

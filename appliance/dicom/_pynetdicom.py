@@ -326,7 +326,11 @@ def _judged_negotiation(self: ACSE) -> None:
     with A-ASSOCIATE-RJ (rejected permanent, service user, calling AE title not recognised)."""
     judge = getattr(getattr(self.assoc, "_server", None), "judge", None)
     if judge is not None:
-        contexts = judge(self.assoc)
+        try:
+            contexts = judge(self.assoc)
+        except Exception:  # fail closed: an association nobody could judge is refused
+            log.exception("association.judge_failed", phase="peer")
+            contexts = None
         if contexts is None:
             self.requestor.ae_title = self.requestor.primitive.calling_ae_title  # type: ignore[union-attr]
             self.send_reject(0x01, 0x01, 0x03)

@@ -97,6 +97,13 @@ class AuditedQuery:
         self.answered(answer)
 
     def close(self) -> None:
+        try:
+            self._record()
+        except Exception:  # the audit is a side-matter: the query's answers stand
+            METRICS.inc("audit_failures_total")
+            log.exception("audit.write_failed", phase="query")
+
+    def _record(self) -> None:
         request, assoc = self._event.request, self._event.assoc
         stream = getattr(request, "Identifier", None)
         audit.record(
